@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/12_main.ipynb #f0df7323
+# %% ../nbs/12_main.ipynb #5dab8ca6
 import sys
 from .cli import main
 
