@@ -85,3 +85,23 @@ def test_config_errors_name_the_problem(setup):
         make_method('cocoamix', clip, w='high')
     with pytest.raises(ValueError, match='mixing must be one of'):
         MethodConfig(mixing='soft')
+
+
+def test_stage_two_runs_no_encoder(setup, monkeypatch):
+    "Two-stage CoCoA-Mix fits its weights on similarities computed once: no text or image pass inside stage 2."
+    import cocoamix.methods as methods
+    clip, base, new, train, cache = setup
+    calls = {'text': 0, 'in_stage2': False}
+    real_text, real_fit = type(clip).encode_text_embeddings, methods.fit_coa_weights
+    def counting_text(self, *a, **k):
+        if calls['in_stage2']: calls['text'] += 1
+        return real_text(self, *a, **k)
+    def fit(*a, **k):
+        calls['in_stage2'] = True
+        try: return real_fit(*a, **k)
+        finally: calls['in_stage2'] = False
+    monkeypatch.setattr(type(clip), 'encode_text_embeddings', counting_text)
+    monkeypatch.setattr(type(clip), 'encode_images', lambda *a, **k: (_ for _ in ()).throw(AssertionError('image pass')))
+    monkeypatch.setattr(methods, 'fit_coa_weights', fit)
+    m = make_method('cocoamix', clip, epochs=1, weights_epochs=20).fit(train, base.classnames, progress=False)
+    assert len(m.history['weights']) == 20 and calls['text'] == 0
