@@ -10,7 +10,7 @@ NAMES = ['golden retriever', 'Annual Crop Land', 'airplane', 'Apply Eye Makeup',
 def _feats_and_grad(lp, names, shared, truncate=True, target=None):
     lp.shared_prefix, lp.ctx.grad = shared, None
     t = lp.text_features(names, truncate=truncate)
-    target = torch.randn_like(t, generator=torch.Generator().manual_seed(1)) if target is None else target
+    target = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) if target is None else target
     (t * target.to(t.device)).sum().backward()
     return t.detach(), lp.ctx.grad.clone()
 
