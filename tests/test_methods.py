@@ -7,15 +7,6 @@ from cocoamix.methods import make_method, load_method, MethodConfig, METHODS
 from cocoamix.mixture import in_domain_mask
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    cache = tmp_path_factory.mktemp('features')
-    clip = load_clip(TINY_MODEL)
-    base, new = base_new_split(few_shot_splits(load_dataset('fashion_mnist'), shots=4, seed=1))
-    train = split_features(clip, base.train, n_views=2, cache_dir=cache, progress=False)
-    return clip, base, new, train, cache
-
-
 SETTINGS = [('coop', {}), ('kgcoop', {'lr': 1e-4}), ('cocoamix', {}), ('cocoamix', {'stages': 1}),
             ('cocoamix', {'loss': 'focal', 'mixing': 'naive'}), ('cocoamix', {'loss': 'ce', 'out_classes': 'strings'})]
 

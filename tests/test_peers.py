@@ -15,15 +15,6 @@ from cocoamix.protocols import run_base2new, run_cross_version, train_data, eval
 from cocoamix.runner import EXPERIMENTS, METHOD_SETTINGS, expand_grid, run_cell, summarise, collect, markdown_table
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    cache = tmp_path_factory.mktemp('features')
-    clip = load_clip(TINY_MODEL)
-    base, new = base_new_split(few_shot_splits(load_dataset('fashion_mnist'), shots=4, seed=1))
-    train = split_features(clip, base.train, n_views=2, cache_dir=cache, progress=False)
-    return clip, base, new, train, cache
-
-
 def images_of(clip, split, n=6):
     tf = eval_transform(clip.image_size, clip.mean, clip.std)
     return torch.stack([ImageDataset(split, tf)[i][0] for i in range(n)])
@@ -194,7 +185,7 @@ def test_cross_version_moves_the_state_to_the_other_clip(setup, tmp_path):
 def test_every_method_is_a_row_of_the_table(experiment, setup, tmp_path):
     "The runner's grid with all methods, each cell run in this process (papermill is exercised in test_runner and below)."
     cache = setup[4]
-    cells = expand_grid(experiment, tmp_path, seeds=[1], params={'epochs': 1, 'n_views': 1, 'cache_dir': str(cache)})
+    cells = expand_grid(experiment, tmp_path, settings=['all'], seeds=[1], params={'epochs': 1, 'n_views': 1, 'cache_dir': str(cache)})
     assert [c.setting for c in cells] == list(METHOD_SETTINGS) and len(cells) == 9
     for c in cells: run_cell(experiment, c.params, c.out_dir, progress=False)
     exp = EXPERIMENTS[experiment]
