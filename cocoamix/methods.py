@@ -279,23 +279,33 @@ class ZeroShotCLIP(Method):
 # %% ../nbs/06_methods.ipynb #a173e5d1
 class PromptMethod(Method):
     "A single learned prompt trained with `prompt_loss`, scored alone: CoOp, and the base of KgCoOp and CoCoA-Mix."
+    def start_prompt(self, train, classnames=None) -> list[str]:
+        "Add a new learned prompt for `classnames` (default: the training classes); returns the cleaned names."
+        classnames = [clean_classname(n) for n in (classnames or train.classnames)]
+        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
+        return classnames
+
+    def base_loss(self):
+        "The configured prompt loss (CE, CoA-loss with `w`, or focal with `gamma`) on `(logits, labels)`."
+        c = self.config
+        return prompt_loss(c.loss, **({'w': c.w} if c.loss == 'coa' else {'gamma': c.focal_gamma} if c.loss == 'focal' else {}))
+
     def prompt_objective(self, classnames):
         "The per-batch loss on the learned prompt's logits; subclasses add terms."
-        c = self.config
-        base = prompt_loss(c.loss, **({'w': c.w} if c.loss == 'coa' else {'gamma': c.focal_gamma} if c.loss == 'focal' else {}))
-        prompt = self.prompts[-1]
+        base, prompt = self.base_loss(), self.prompts[-1]
         def loss_fn(x, y):
             text = prompt.text_features(classnames)
             return base(self.scale() * x @ text.T, y)
         return loss_fn
 
-    def prompt_group(self) -> ParamGroup:
+    def prompt_group(self, extra_params=()) -> ParamGroup:
+        "The optimiser group of the newest prompt's context (plus any extra trainable modules) with the method's settings."
         c = self.config
-        return ParamGroup(list(self.prompts[-1].parameters()), c.optimizer, c.lr, c.momentum, c.weight_decay, c.schedule, c.warmup_epochs, c.warmup_lr)
+        return ParamGroup(list(self.prompts[-1].parameters()) + list(extra_params), c.optimizer, c.lr, c.momentum,
+                          c.weight_decay, c.schedule, c.warmup_epochs, c.warmup_lr)
 
     def fit(self, train: Features, classnames=None, progress=True):
-        classnames = [clean_classname(n) for n in (classnames or train.classnames)]
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
+        classnames = self.start_prompt(train, classnames)
         c = self.config
         self.history['prompt'] = train_loop(self.prompt_objective(classnames), [self.prompt_group()], train, c.epochs,
                                             c.batch_size, c.seed, progress, desc=f'{self.name} prompt')
@@ -337,8 +347,7 @@ class CoCoAMix(PromptMethod):
 
     def fit(self, train: Features, classnames=None, progress=True):
         c = self.config
-        classnames = [clean_classname(n) for n in (classnames or train.classnames)]
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
+        classnames = self.start_prompt(train, classnames)
         self.weights = MixtureWeights(len(self.prompts) + 1).to(self.clip.device)
         out_names = self.out_classes(classnames)
         mask = in_domain_mask([set()] + [set(d) for d in self.domains], classnames).to(self.clip.device)

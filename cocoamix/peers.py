@@ -15,8 +15,8 @@ from .backbone import FrozenCLIP
 from .data import Split, ImageDataset, test_transform
 from .prompts import clean_classname
 from .features import Features
-from .losses import prompt_loss
-from .methods import METHODS, PromptMethod, ParamGroup, TrainImages, train_loop, _autocast
+
+from .methods import METHODS, PromptMethod, TrainImages, train_loop, _autocast
 from .metrics import confusion_matrix, most_confused_pairs
 
 # %% auto #0
@@ -25,16 +25,6 @@ __all__ = ['PEERS', 'kl_to_zero_shot', 'MetaNet', 'CoCoOp', 'prograd_gradient', 
            'ContCoOp', 'ConfusionBank', 'hard_negative_loss', 'CAPT', 'confusion_summary', 'plot_confusion']
 
 # %% ../nbs/13_peers.ipynb #1d02a8b0
-def _group(method, params) -> ParamGroup:
-    c = method.config
-    return ParamGroup(list(params), c.optimizer, c.lr, c.momentum, c.weight_decay, c.schedule, c.warmup_epochs, c.warmup_lr)
-
-def _names(classnames, train) -> list[str]:
-    return [clean_classname(n) for n in (classnames or train.classnames)]
-
-def _base_loss(c):
-    return prompt_loss(c.loss, **({'w': c.w} if c.loss == 'coa' else {'gamma': c.focal_gamma} if c.loss == 'focal' else {}))
-
 def kl_to_zero_shot(logits: torch.Tensor, zs_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     "`T² · KL(softmax(zs/T) ‖ softmax(logits/T))`, batch mean: the pull of a prediction towards zero-shot CLIP's."
     return F.kl_div(F.log_softmax(logits / T, -1), F.softmax(zs_logits.detach() / T, -1), reduction='batchmean') * T * T
@@ -79,11 +69,10 @@ class CoCoOp(PromptMethod):
         return self.scale() * torch.einsum('bd,bcd->bc', x.to(text.dtype), text)
 
     def fit(self, train: Features, classnames=None, progress=True):
-        classnames, c = _names(classnames, train), self.config
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
-        extra, base = self.ensure_modules(), _base_loss(c)
+        classnames, c = self.start_prompt(train, classnames), self.config
+        extra, base = self.ensure_modules(), self.base_loss()
         loss_fn = lambda x, y: base(self._logits(x, classnames), y)
-        group = _group(self, list(self.prompts[-1].parameters()) + list(extra.parameters()))
+        group = self.prompt_group(extra.parameters())
         self.history['prompt'] = train_loop(loss_fn, [group], train, c.epochs, c.batch_size, c.seed, progress, desc='cocoop')
         return self
 
@@ -107,7 +96,7 @@ class ProGrad(PromptMethod):
 
     def losses(self, classnames):
         "`(x, y) -> (CE loss, KL-to-zero-shot loss)` of the newest prompt."
-        c, prompt, base = self.config, self.prompts[-1], _base_loss(self.config)
+        c, prompt, base = self.config, self.prompts[-1], self.base_loss()
         t0 = self.handcrafted_features(classnames)
         def fn(x, y):
             logits = self.scale() * x @ prompt.text_features(classnames).T
@@ -127,8 +116,7 @@ class ProGrad(PromptMethod):
         return backward
 
     def fit(self, train: Features, classnames=None, progress=True):
-        classnames, c = _names(classnames, train), self.config
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
+        classnames, c = self.start_prompt(train, classnames), self.config
         self.history['prompt'] = train_loop(None, [self.prompt_group()], train, c.epochs, c.batch_size, c.seed, progress,
                                             desc='prograd', backward=self.backward_fn(classnames))
         return self
@@ -195,9 +183,8 @@ class DAPT(PromptMethod):
         if not isinstance(train, TrainImages):
             raise TypeError('DAPT runs the image encoder in the loop (its visual prompts change the image features): '
                             'fit it on TrainImages(split, transform, features), as the protocols do, not on cached features')
-        classnames, c = _names(classnames, train), self.config
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
-        extra, prompt, base = self.ensure_modules(), self.prompts[-1], _base_loss(c)
+        classnames, c = self.start_prompt(train, classnames), self.config
+        extra, prompt, base = self.ensure_modules(), self.prompts[-1], self.base_loss()
         if train.features is not None: frozen = train.features.x
         else:  # no cache given: one pass of the frozen encoder over the shots with the test transform
             frozen = self.clip.encode_images(torch.utils.data.DataLoader(ImageDataset(train.split, test_transform(
@@ -208,7 +195,7 @@ class DAPT(PromptMethod):
             text = prompt.text_features(classnames)
             return (base(self.scale() * f @ text.T, y) + c.beta_v * intra_dispersion(f, self.prototypes[y])
                     + c.beta_t * inter_dispersion(text, c.rbf_t))
-        group = _group(self, list(prompt.parameters()) + list(extra.parameters()))
+        group = self.prompt_group(extra.parameters())
         self.history['prompt'] = train_loop(loss_fn, [group], train, c.epochs, c.batch_size, c.seed, progress, desc='dapt')
         return self
 
@@ -264,14 +251,13 @@ class ContCoOp(PromptMethod):
         return self.clip.encode_text_embeddings(seqs, eot)
 
     def fit(self, train: Features, classnames=None, progress=True):
-        classnames, c = _names(classnames, train), self.config
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
-        extra, base = self.ensure_modules(), _base_loss(c)
+        classnames, c = self.start_prompt(train, classnames), self.config
+        extra, base = self.ensure_modules(), self.base_loss()
         t0 = self.handcrafted_features(classnames)
         def loss_fn(x, y):
             logits = self.scale() * x @ self.text_features(classnames).T
             return base(logits, y) + c.distill_weight * kl_to_zero_shot(logits, self.scale() * x.float() @ t0.T, c.distill_T)
-        group = _group(self, list(self.prompts[-1].parameters()) + list(extra.parameters()))
+        group = self.prompt_group(extra.parameters())
         self.history['prompt'] = train_loop(loss_fn, [group], train, c.epochs, c.batch_size, c.seed, progress, desc='contcoop')
         return self
 
@@ -354,9 +340,8 @@ class CAPT(PromptMethod):
         return (x @ text.float().T).argmax(-1)               # [V, N] or [N]
 
     def fit(self, train: Features, classnames=None, progress=True):
-        classnames, c = _names(classnames, train), self.config
-        self.prompts.append(self.new_prompt(classnames)); self.domains.append(classnames)
-        prompt, base = self.prompts[-1], _base_loss(c)
+        classnames, c = self.start_prompt(train, classnames), self.config
+        prompt, base = self.prompts[-1], self.base_loss()
         self.bank = ConfusionBank(len(classnames), c.capt_window, c.capt_min_rate)
         self.bank.update(self._round_preds(train, self.handcrafted_features(classnames)), train.labels)  # round 0: zero-shot
         self.history.update(bank_stable_pairs=[], bank_correction=[])
