@@ -1,7 +1,8 @@
 "The benchmark runs end to end on the tiny model, and its two paths compute the same loss."
 import json, re, subprocess, sys
 import pytest, torch
-import cocoamix.methods as methods_mod
+import cocoamix.method as methods_mod
+from cocoamix.registry import make_method
 from cocoamix.backbone import TINY_MODEL
 from cocoamix import bench
 
@@ -38,7 +39,7 @@ def test_steps_same_losses_over_several_steps(tiny_clip):
 
 
 def test_coop_style_restores_the_library(tiny_clip):
-    m = methods_mod.make_method('coop', tiny_clip)
+    m = make_method('coop', tiny_clip)
     loop = methods_mod.train_loop
     with bench.coop_style(m, []):
         assert methods_mod.train_loop is not loop and not m.new_prompt(NAMES).uses_shared_prefix

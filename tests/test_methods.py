@@ -3,7 +3,8 @@ import pytest, torch
 from cocoamix.backbone import load_clip, TINY_MODEL
 from cocoamix.data import load_dataset, few_shot_splits, base_new_split
 from cocoamix.features import split_features
-from cocoamix.methods import make_method, load_method, MethodConfig, METHODS
+from cocoamix.registry import make_method, load_method, METHODS
+from cocoamix.cocoamix import CoCoAMixConfig
 from cocoamix.mixture import in_domain_mask
 
 
@@ -75,12 +76,12 @@ def test_config_errors_name_the_problem(setup):
     with pytest.raises(TypeError, match='w must be float'):
         make_method('cocoamix', clip, w='high')
     with pytest.raises(ValueError, match='mixing must be one of'):
-        MethodConfig(mixing='soft')
+        CoCoAMixConfig(mixing='soft')
 
 
 def test_stage_two_runs_no_encoder(setup, monkeypatch):
     "Two-stage CoCoA-Mix fits its weights on similarities computed once: no text or image pass inside stage 2."
-    import cocoamix.methods as methods
+    import cocoamix.cocoamix as methods
     clip, base, new, train, cache = setup
     calls = {'text': 0, 'in_stage2': False}
     real_text, real_fit = type(clip).encode_text_embeddings, methods.fit_coa_weights

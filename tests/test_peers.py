@@ -8,9 +8,13 @@ from cocoamix.backbone import load_clip, TINY_MODEL, TINY_CONFIG, register_tiny_
 from cocoamix.data import load_dataset, few_shot_splits, base_new_split, train_transform, ImageDataset
 from cocoamix.data import test_transform as eval_transform
 from cocoamix.features import split_features
-from cocoamix.methods import make_method, load_method, METHODS, TrainImages
-from cocoamix.peers import (PEERS, encode_image_prompted, intra_dispersion, inter_dispersion, class_prototypes, ConfusionBank,
-                            hard_negative_loss, prograd_gradient, confusion_summary)
+from cocoamix.method import TrainImages
+from cocoamix.registry import make_method, load_method, METHODS
+from cocoamix.coop import prograd_gradient
+from cocoamix.dapt import encode_image_prompted, intra_dispersion, inter_dispersion, class_prototypes
+from cocoamix.capt import ConfusionBank, hard_negative_loss
+from cocoamix.metrics import confusion_summary
+PEERS = ['cocoop', 'prograd', 'dapt', 'contcoop', 'capt']
 from cocoamix.protocols import run_base2new, run_cross_version, train_data, evaluate, TINY_V2_MODEL
 from cocoamix.runner import EXPERIMENTS, METHOD_SETTINGS, expand_grid, run_cell, summarise, collect, markdown_table
 

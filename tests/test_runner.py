@@ -49,7 +49,7 @@ def test_table_is_the_mean_of_the_seeds(runs, name, settings):
 
 
 def test_injected_parameters_override_the_defaults(runs):
-    "Would catch nbdev_clean stripping the `parameters` tag: the injected epochs=3 must beat the notebook's default 10."
+    "Would catch nbdev_clean stripping the `parameters` tag: the injected epochs=3 must beat the notebook's default (None: the method's own epochs x the offline budget)."
     out = runs[0]
     cell = out / 'base2new' / 'fashion_mnist'
     rec = json.loads(next(cell.glob('cocoamix*/seed1/metrics.json')).read_text())
