@@ -17,7 +17,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'EUROSAT_RENAMES', 'CALTECH_RENAMES', 'FASHI
            'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS', 'IMAGE_EXTS', 'SOURCES', 'Split',
            'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform', 'test_transform', 'normalise_classname',
            'DatasetInfo', 'package_data_dir', 'data_root', 'read_coop_split', 'load_dataset', 'few_shot',
-           'few_shot_splits', 'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_sessions']
+           'few_shot_splits', 'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_sessions', 'check_data']
 
 # %% ../nbs/01_data.ipynb #7035427f
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -103,8 +103,15 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, split: Split, transform=None): self.split, self.transform = split, transform
     def __len__(self): return len(self.split)
     def __getitem__(self, i):
-        im = self.split.image(i)
-        return (self.transform(im) if self.transform is not None else im), int(self.split.labels[i])
+        try:
+            im = self.split.image(i)
+            x = self.transform(im) if self.transform is not None else im
+        except (OSError, ValueError, SyntaxError) as e:  # PIL decodes lazily: a corrupt file fails here, so name it here
+            item = self.split.items[i]
+            where = str(item) if isinstance(item, (str, os.PathLike)) else f'item {i} (in memory)'
+            raise OSError(f'dataset split {self.split.name!r}: cannot read the image {where}: {e}. '
+                          'Re-download the file, or remove it from the split file') from e
+        return x, int(self.split.labels[i])
 
 def to_rgb(im): return _as_rgb(im)
 
@@ -702,3 +709,16 @@ def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, wa
         test = Split(t.items, remap[t.labels], names[:seen], f'{te.name}/fscil_s{k}')
         sessions.append(FSCILSession(k, list(range(seen - len(cls), seen)), train, test))
     return FSCILSplits(ds.name, sessions, names, order, ds.template, source)
+
+# %% ../nbs/01_data.ipynb #95493c49
+def check_data(root, names) -> list[dict]:
+    "`[{dataset, ok, message}]`: each dataset loaded under `root`, or why it cannot be."
+    rows = []
+    for name in names:
+        try:
+            ds = load_dataset(name, root=root)
+            rows.append({'dataset': name, 'ok': True, 'message': f'{len(ds.classnames)} classes, train/val/test '
+                         f'{len(ds.train)}/{len(ds.val)}/{len(ds.test)} ({ds.source})'})
+        except (FileNotFoundError, ValueError, OSError) as e:
+            rows.append({'dataset': name, 'ok': False, 'message': str(e).replace('\n', '\n' + ' ' * 26)})
+    return rows

@@ -11,30 +11,32 @@ import submitit
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SLURM_KEYS', 'LIVE_STATES', 'JOB_RECORD', 'error_message', 'run_one', 'CellTask', 'visible_gpus', 'slot_env',
-           'parse_time', 'slurm_parameters', 'live_job', 'cluster_executor', 'run_cells', 'add_executor_arguments',
-           'executor_options']
+__all__ = ['SLURM_KEYS', 'LIVE_STATES', 'JOB_RECORD', 'error_message', 'run_chunk', 'ChunkTask', 'visible_gpus', 'slot_env',
+           'parse_time', 'slurm_parameters', 'live_job', 'FileBar', 'cluster_executor', 'run_cells',
+           'add_executor_arguments', 'executor_options']
 
-# %% ../nbs/16_executors.ipynb #1b1926b8
+# %% ../nbs/16_executors.ipynb #5ba6d14a
 def error_message(e: BaseException) -> str:
-    "One line for a failed cell; papermill keeps the notebook cell's exception in `ename`/`evalue`."
+    "One line for a failed cell or job."
     return f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"[:500]
 
-def run_one(cell, kernel_name: str | None = None) -> str | None:
-    "Run one grid cell's notebook in this process; None on success, else the error message (never raises)."
-    from cocoamix.runner import execute_cell
-    try:
-        cell.params['setting'] = cell.setting
-        execute_cell(cell, kernel_name)
-    except Exception as e:  # keep going: the other cells' results are independent
-        return error_message(e)
-    return None if cell.done else 'finished without writing metrics.json'
+def run_chunk(work, cells, env: dict | None = None) -> dict:
+    "Run `work` on each unfinished cell of `cells` in this process; `{index in chunk: None | error}`."
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    if env and 'OMP_NUM_THREADS' in env:
+        import torch; torch.set_num_threads(int(env['OMP_NUM_THREADS']))
+    out = {}
+    for i, c in enumerate(cells):
+        if c.done: out[i] = None; continue
+        try: out[i] = work(c)
+        except Exception as e: out[i] = error_message(e)   # `work` should not raise; a cell never stops the others
+        if out[i] is None and not c.done: out[i] = 'finished without writing metrics.json'
+    return out
 
-class CellTask(submitit.helpers.Checkpointable):
-    "The picklable callable submitit runs: set the cell's environment, run it, return None or the error message."
-    def __call__(self, cell, kernel_name: str | None = None, env: dict | None = None) -> str | None:
-        os.environ.update({k: str(v) for k, v in (env or {}).items()})
-        return run_one(cell, kernel_name)
+class ChunkTask(submitit.helpers.Checkpointable):
+    "The picklable callable submitit runs: a chunk of cells in one warm process."
+    def __call__(self, work, cells, env: dict | None = None) -> dict:
+        return run_chunk(work, cells, env)
 
 # %% ../nbs/16_executors.ipynb #02855d3a
 def visible_gpus() -> list[str]:
@@ -110,16 +112,18 @@ def live_job(cell, cluster: str):
     except Exception:
         return None
 
-# %% ../nbs/16_executors.ipynb #ba9a2023
+# %% ../nbs/16_executors.ipynb #7e2fdb0f
 def _job_error(job, e: BaseException) -> str:
     log = getattr(getattr(job, 'paths', None), 'stderr', None)
     return f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'[:400] + (f' (log: {log})' if log else '')
 
-def _outcome(job, cell) -> str | None:
-    try: msg = job.result()
-    except Exception as e: msg = _job_error(job, e)
-    if msg is None and not cell.done: msg = 'the job ended without writing metrics.json'
-    return msg
+def _chunk_outcome(job, chunk) -> dict:
+    "The job's per-cell results; a job that died reports its error for every unfinished cell of its chunk."
+    try: res = job.result()
+    except Exception as e:
+        msg = _job_error(job, e)
+        return {i: (None if c.done else msg) for i, (_, c) in enumerate(chunk)}
+    return {i: (res.get(i) if c.done or res.get(i) else 'the job ended without writing metrics.json') for i, (_, c) in enumerate(chunk)}
 
 def _default_folder(cells) -> Path:
     return Path(cells[0].out_dir).resolve().parents[2]/'.submitit'   # OUT/EXPERIMENT/.submitit
@@ -129,33 +133,60 @@ def _for_worker(cell):
     cell.params['setting'] = cell.setting
     return dataclasses.replace(cell, out_dir=Path(cell.out_dir).resolve(), params=dict(cell.params))
 
-def _sequential(todo, kernel_name, bar) -> dict:
+class FileBar:
+    "tqdm's `update` / `set_postfix_str` / `write`, written to a JSON file that another process draws as a bar."
+    def __init__(self, path, total: int, desc: str):
+        self.path, self.n, self.total, self.desc, self.current = Path(path), 0, total, desc, ''
+        self._dump()
+    def _dump(self):
+        tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
+        tmp.write_text(json.dumps({'n': self.n, 'total': self.total, 'desc': self.desc, 'current': self.current}))
+        os.replace(tmp, self.path)
+    def update(self, k: int = 1): self.n += k; self._dump()
+    def set_postfix_str(self, s: str): self.current = s; self._dump()
+    def write(self, s: str): print(s, file=sys.stderr)
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+
+def _name(c) -> str: return f'{c.dataset} / {c.setting} / seed {c.seed}'
+
+def _sequential(todo, work, bar) -> dict:
     out = {}
     for i, c in todo:
-        bar.set_postfix_str(f'{c.dataset} / {c.setting} / seed {c.seed}')
-        out[i] = run_one(c, kernel_name); bar.update(1)
+        bar.set_postfix_str(_name(c))
+        out[i] = run_chunk(work, [c])[0]; bar.update(1)
     return out
 
-def _local_pool(todo, kernel_name, jobs, folder, bar, gpus_per_cell, cpus_per_cell, poll_s) -> dict:
-    ex = submitit.LocalExecutor(folder=str(folder))
-    ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=0)  # the task pins GPUs itself (ids may be UUIDs)
-    gpus, pending, running, free, out, shown = visible_gpus(), list(todo), {}, list(range(jobs)), {}, ''
+def _poll_chunks(jobs: dict, bar, poll_s: float) -> dict:
+    "Wait for `{job: chunk}`; the bar advances as cells finish (metrics.json appears), not only as jobs end."
+    out, counted = {}, set()
     try:
-        while pending or running:
-            while pending and free:
-                slot = free.pop(0); i, c = pending.pop(0)
-                env = slot_env(slot, jobs, gpus, gpus_per_cell, cpus_per_cell)
-                try: running[ex.submit(CellTask(), _for_worker(c), kernel_name, env)] = (i, c, slot)
-                except Exception as e: out[i] = f'submission failed: {error_message(e)}'; free.append(slot); bar.update(1)
-            finished = [j for j in running if j.done()]
-            for j in finished:
-                i, c, slot = running.pop(j); out[i] = _outcome(j, c); free.append(slot); bar.update(1)
-            if (state := f'{len(running)} running, {len(pending)} waiting') != shown: bar.set_postfix_str(shown := state)
-            if not finished and running: time.sleep(poll_s)
-    except BaseException:  # Ctrl-C: stop the workers this run started; their cells stay unfinished for the next run
-        for j in running: j.cancel(check=False)
+        while jobs:
+            for job in [j for j in jobs if j.done()]:
+                chunk = jobs.pop(job)
+                for k, err in _chunk_outcome(job, chunk).items(): out[chunk[k][0]] = err
+            for chunk in jobs.values():
+                for i, c in chunk:
+                    if i not in counted and c.done: counted.add(i); bar.update(1); bar.set_postfix_str(_name(c))
+            for i in out:
+                if i not in counted: counted.add(i); bar.update(1)
+            if jobs: time.sleep(poll_s)
+    except BaseException:  # Ctrl-C: stop the workers this run started; their unfinished cells wait for the next run
+        for j in jobs: j.cancel(check=False)
         raise
     return out
+
+def _local_pool(todo, work, jobs, folder, bar, gpus_per_cell, cpus_per_cell, poll_s) -> dict:
+    ex = submitit.LocalExecutor(folder=str(folder))
+    ex.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=0)  # the task pins GPUs itself (ids may be UUIDs)
+    gpus, running, out = visible_gpus(), {}, {}
+    chunks = [todo[s::jobs] for s in range(jobs) if todo[s::jobs]]   # round-robin: every worker gets a share of each setting
+    for slot, chunk in enumerate(chunks):
+        env = slot_env(slot, jobs, gpus, gpus_per_cell, cpus_per_cell)
+        try: running[ex.submit(ChunkTask(), work, [_for_worker(c) for _, c in chunk], env)] = chunk
+        except Exception as e:
+            for i, _ in chunk: out[i] = f'submission failed: {error_message(e)}'; bar.update(1)
+    return {**out, **_poll_chunks(running, bar, poll_s)}
 
 def cluster_executor(name: str, folder, slurm: dict, gpus_per_cell: int = 1, cpus_per_cell: int | None = None):
     "submitit's AutoExecutor for `slurm['cluster']` (default slurm), or a ValueError that says why there is none."
@@ -167,63 +198,63 @@ def cluster_executor(name: str, folder, slurm: dict, gpus_per_cell: int = 1, cpu
     ex.update_parameters(**slurm_parameters(name, slurm, gpus_per_cell, cpus_per_cell))
     return ex
 
-def _cluster(todo, kernel_name, folder, bar, ex, poll_s) -> dict:
+def _cluster(todo, work, folder, bar, ex, poll_s, cells_per_task: int) -> dict:
     cluster, name = ex.cluster, f'cocoamix-{todo[0][1].experiment}'
-    out, jobs, new, submitted = {}, {}, [], []
-    for i, c in todo:
+    out, waiting, new = {}, {}, []
+    for i, c in todo:  # cells of a task still queued or running from an earlier run: wait for it, do not resubmit
         j = live_job(c, cluster)
-        if j is not None: jobs[i] = j
+        if j is not None: waiting.setdefault(str(j.job_id), (j, []))[1].append((i, c))
         else: new.append((i, c))
-    if new:
+    jobs = {j: chunk for j, chunk in waiting.values()}
+    chunks = [new[k:k + cells_per_task] for k in range(0, len(new), cells_per_task)]
+    if chunks:
         try:
-            with ex.batch():  # one sbatch call: a job array
-                batch = [ex.submit(CellTask(), _for_worker(c), kernel_name, {}) for _, c in new]
-            submitted = batch
+            with ex.batch():  # one sbatch call: a job array, one task per chunk
+                submitted = [ex.submit(ChunkTask(), work, [_for_worker(c) for _, c in chunk]) for chunk in chunks]
         except Exception as e:
+            submitted = []
             for i, _ in new: out[i] = f'submission failed: {error_message(e)}'
             bar.update(len(new))
-        for (i, c), j in zip(new, submitted):
-            jobs[i] = j
-            if cluster == 'slurm': _record_job(c, j, cluster, ex.folder)
+        for chunk, j in zip(chunks, submitted):
+            jobs[j] = chunk
+            if cluster == 'slurm':
+                for _, c in chunk: _record_job(c, j, cluster, ex.folder)
     if jobs:
-        ids = sorted({str(j.job_id).split('_')[0] for j in jobs.values()})
-        bar.write(f'{name}: {len(jobs)} cells in {cluster} job(s) {", ".join(ids)} ({len(jobs) - len(submitted)} from an earlier run); '
-                  f'logs in {folder}')
-    cell_of = {id(j): (i, dict(todo)[i]) for i, j in jobs.items()}
-    try:
-        for j in submitit.helpers.as_completed(list(jobs.values()), poll_frequency=poll_s):
-            i, c = cell_of[id(j)]
-            out[i] = _outcome(j, c); bar.update(1)
-            bar.set_postfix_str(f'{c.dataset} / {c.setting} / seed {c.seed}: {"ok" if out[i] is None else "FAILED"}')
+        ids = sorted({str(j.job_id).split('_')[0] for j in jobs})
+        bar.write(f'{name}: {sum(len(ch) for ch in jobs.values())} cells in {len(jobs)} {cluster} task(s) of job(s) {", ".join(ids)} '
+                  f'({sum(len(ch) for _, ch in waiting.values())} cells from an earlier run); logs in {folder}')
+    try: out.update(_poll_chunks(jobs, bar, poll_s))
     except KeyboardInterrupt:
-        left = [j for j in jobs.values() if not j.done()]
-        if cluster == 'slurm' and left:
-            print(f'\nstopped waiting; {len(left)} Slurm jobs go on. Rerun the same command to wait for them again '
+        if cluster == 'slurm':
+            print('\nstopped waiting; the Slurm tasks go on. Rerun the same command to wait for them again '
                   '(they are not resubmitted) and to build the table.', file=sys.stderr)
         raise
     return out
 
-def run_cells(cells, executor: str = 'local', jobs: int = 1, kernel_name: str | None = None, slurm: dict | None = None,
+def run_cells(cells, work, executor: str = 'local', jobs: int = 1, slurm: dict | None = None,
               folder: str | Path | None = None, progress: bool = True, gpus_per_cell: int = 1,
-              cpus_per_cell: int | None = None, poll_s: float | None = None) -> list:
-    "Run the cells without metrics.json; [(cell, None | error message)] for those, in grid order. Never raises for a cell."
+              cpus_per_cell: int | None = None, poll_s: float | None = None, cells_per_task: int = 20,
+              progress_file: str | Path | None = None) -> list:
+    "Run `work` on the cells without metrics.json; [(cell, None | error message)] for those, in grid order. Never raises for a cell."
     if executor not in ('local', 'slurm'): raise ValueError(f'unknown executor {executor!r}: use local or slurm')
     if int(jobs) < 1: raise ValueError(f'jobs must be >= 1, got {jobs}')
+    if int(cells_per_task) < 1: raise ValueError(f'cells_per_task must be >= 1, got {cells_per_task}')
     todo = [(i, c) for i, c in enumerate(cells) if not c.done]
     if not todo: return []
     folder = Path(folder).resolve() if folder else _default_folder(cells)
     slurm = dict(slurm or {})
-    desc = f'{todo[0][1].experiment} ({executor}{f", {jobs} at a time" if executor == "local" and jobs > 1 else ""})'
+    desc = f'{todo[0][1].experiment} ({executor}{f", {jobs} workers" if executor == "local" and jobs > 1 else ""})'
     if executor == 'slurm':  # fails before anything runs when there is no Slurm here
         ex = cluster_executor(f'cocoamix-{todo[0][1].experiment}', folder, slurm, gpus_per_cell, cpus_per_cell)
-    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
-        if executor == 'local' and int(jobs) == 1: out = _sequential(todo, kernel_name, bar)
+    bar = FileBar(progress_file, len(todo), desc) if progress_file else tqdm(total=len(todo), desc=desc, disable=not progress)
+    with bar:
+        if executor == 'local' and int(jobs) == 1: out = _sequential(todo, work, bar)
         elif executor == 'local':
-            out = _local_pool(todo, kernel_name, int(jobs), folder, bar, gpus_per_cell, cpus_per_cell, poll_s or 0.5)
-        else: out = _cluster(todo, kernel_name, folder, bar, ex, poll_s or (15.0 if ex.cluster == 'slurm' else 1.0))
+            out = _local_pool(todo, work, int(jobs), folder, bar, gpus_per_cell, cpus_per_cell, poll_s or 0.5)
+        else: out = _cluster(todo, work, folder, bar, ex, poll_s or (15.0 if ex.cluster == 'slurm' else 1.0), int(cells_per_task))
     return [(c, out[i]) for i, c in todo]
 
-# %% ../nbs/16_executors.ipynb #3b42417a
+# %% ../nbs/16_executors.ipynb #c0a5b2a9
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1: raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
@@ -244,7 +275,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument('--executor', choices=['local', 'slurm'], default='local',
                    help='local: this machine (default); slurm: one Slurm job-array task per cell, through submitit')
     g.add_argument('--jobs', type=_positive, default=1, metavar='N',
-                   help='local: run N cells at once in subprocesses, each pinned to its GPU(s) round-robin (default 1)')
+                   help='local: N long-lived worker processes share the cells, each pinned to its GPU(s) round-robin (default 1: in this process)')
     g.add_argument('--gpus-per-cell', type=int, default=1, metavar='G', help='GPUs for each cell (default 1; 0 on Slurm: none)')
     g.add_argument('--cpus-per-cell', type=_positive, metavar='C', help='CPU cores (threads) for each cell')
     g.add_argument('--mem-gb', type=float, metavar='GB', help='slurm: memory per cell')
@@ -257,6 +288,8 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help='slurm: shell command run before each cell, e.g. "module load cuda" (repeatable)')
     g.add_argument('--slurm-extra', action='append', type=_extra, default=[], metavar='KEY=VALUE',
                    help='slurm: any other sbatch option, e.g. --slurm-extra mail-type=END (repeatable)')
+    g.add_argument('--cells-per-task', type=_positive, default=20, metavar='N',
+                   help='slurm: cells run one after another in each array task, in one warm process (default 20)')
     g.add_argument('--submitit-folder', metavar='DIR', help='submitit logs and pickles (default OUT/EXPERIMENT/.submitit)')
     return parser
 
@@ -269,4 +302,4 @@ def executor_options(args: argparse.Namespace) -> dict:
                  'array_parallelism': args.slurm_array_parallelism, 'setup': args.slurm_setup, 'additional': dict(args.slurm_extra)}
         slurm = {k: v for k, v in slurm.items() if v not in (None, [], {})}
     return {'executor': args.executor, 'jobs': args.jobs, 'slurm': slurm, 'folder': args.submitit_folder,
-            'gpus_per_cell': args.gpus_per_cell, 'cpus_per_cell': args.cpus_per_cell}
+            'gpus_per_cell': args.gpus_per_cell, 'cpus_per_cell': args.cpus_per_cell, 'cells_per_task': args.cells_per_task}

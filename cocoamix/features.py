@@ -18,7 +18,7 @@ from .backbone import FrozenCLIP
 from .data import Split, ImageDataset, train_transform, test_transform
 
 # %% auto #0
-__all__ = ['ENCODE_CALLS', 'default_cache_dir', 'image_features', 'Features', 'split_features']
+__all__ = ['ENCODE_CALLS', 'MEMORY', 'MEMORY_ITEMS', 'default_cache_dir', 'image_features', 'Features', 'split_features']
 
 # %% ../nbs/03_features.ipynb #f750fc2a
 def default_cache_dir() -> Path:
@@ -62,14 +62,30 @@ def _loader(split: Split, transform, batch_size: int, num_workers: int | None, d
     return torch.utils.data.DataLoader(ImageDataset(split, transform), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, generator=g, pin_memory=torch.device(device).type == 'cuda')
 
+MEMORY: dict = {}          # (path, mtime, size) -> features, for the life of the process (a worker runs many cells)
+MEMORY_ITEMS = 256
+
+def _memory_key(path: Path):
+    "The file as it is now: a rewritten or deleted cache file is never served from memory."
+    try: st = path.stat()
+    except OSError: return None
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+def _remember(path, feats: torch.Tensor) -> torch.Tensor:
+    if (key := _memory_key(path)) is not None:
+        if len(MEMORY) >= MEMORY_ITEMS: MEMORY.pop(next(iter(MEMORY)))   # oldest first
+        MEMORY[key] = feats
+    return feats
+
 def image_features(clip: FrozenCLIP, split: Split, augment: bool = False, view: int = 0, cache_dir: str | Path | None = None,
                    batch_size: int = 256, num_workers: int | None = None, progress: bool = True) -> torch.Tensor:
     "Normalised image features [N, D] of `split` under the test transform, or view `view` of the training augmentation."
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     transform = 'train' if augment else 'test'
     path, meta = _feature_path(root, clip, split, transform, view if augment else 0)
+    if (key := _memory_key(path)) in MEMORY: return MEMORY[key]   # a warm process: this split was read or encoded already
     feats = _read(path, meta)
-    if feats is not None: return feats
+    if feats is not None: return _remember(path, feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + '.lock'):
         feats = _read(path, meta)  # another process may have finished it while we waited
@@ -81,7 +97,7 @@ def image_features(clip: FrozenCLIP, split: Split, augment: bool = False, view: 
         feats = clip.encode_images(tqdm(batches, desc=desc, disable=not progress, leave=False), batch_size=batch_size)
         ENCODE_CALLS['n'] += 1
         _write(path, feats, meta)
-        return feats
+        return _remember(path, feats)
 
 # %% ../nbs/03_features.ipynb #20a19021
 @dataclass

@@ -21,8 +21,8 @@ from .losses import prompt_loss
 from .mixture import MixtureWeights
 
 # %% auto #0
-__all__ = ['SOURCES', 'param', 'MethodConfig', 'PromptConfig', 'ParamGroup', 'autocast', 'TrainImages', 'train_loop', 'Method',
-           'PromptMethod']
+__all__ = ['SOURCES', 'HANDCRAFTED', 'param', 'MethodConfig', 'PromptConfig', 'ParamGroup', 'autocast', 'TrainImages',
+           'train_loop', 'Method', 'PromptMethod']
 
 # %% ../nbs/07_method.ipynb #dd09514e
 SOURCES = ('paper', 'peer', 'ours')
@@ -155,6 +155,8 @@ def train_loop(loss_fn, groups: list[ParamGroup], feats: Features | TrainImages,
     return history
 
 # %% ../nbs/07_method.ipynb #02e92a48
+HANDCRAFTED: dict = {}  # (clip, template, classes) -> t_0 text features, for the life of the process
+
 class Method:
     "Base of every method: fit on training data, score any class list, save its state."
     name = 'method'
@@ -200,7 +202,12 @@ class Method:
 
     # -- text side ---------------------------------------------------------------------------------------
     def handcrafted_features(self, classnames) -> torch.Tensor:
-        return self.clip.encode_text(handcrafted_prompts(classnames, self.config.template))
+        "Text features of t_0 for `classnames`; the CLIP is frozen, so a warm process encodes each list once."
+        key = (id(self.clip), self.clip.identity, self.config.template, tuple(classnames))
+        if key not in HANDCRAFTED:
+            if len(HANDCRAFTED) >= 64: HANDCRAFTED.pop(next(iter(HANDCRAFTED)))
+            HANDCRAFTED[key] = self.clip.encode_text(handcrafted_prompts(classnames, self.config.template))
+        return HANDCRAFTED[key]
 
     def scale(self) -> float: return self.clip.logit_scale
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_protocols.ipynb #b8c21d51
 from __future__ import annotations
-import math, tempfile
+import json, math, os, tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from .metrics import accuracy, harmonic_mean, transfer_hm, confusable_pairs_reso
 
 # %% auto #0
 __all__ = ['TINY_V2_MODEL', 'TINY_V2_CONFIG', 'PROTOCOLS', 'resolve_device', 'get_clip', 'is_pipeline_check', 'evaluate',
-           'resolved', 'train_data', 'run_base2new', 'run_transfer', 'run_fscil', 'run_cross_version']
+           'resolved', 'train_data', 'run_base2new', 'run_transfer', 'run_fscil', 'run_cross_version', 'evaluate_state']
 
 # %% ../nbs/14_protocols.ipynb #7824773d
 _CLIPS: dict = {}
@@ -174,3 +174,30 @@ def run_cross_version(dataset: str = BUILTIN, method: str = 'cocoamix', seed: in
 
 # %% ../nbs/14_protocols.ipynb #74f73666
 PROTOCOLS = {'base2new': run_base2new, 'transfer': run_transfer, 'fscil': run_fscil, 'cross_version': run_cross_version}
+
+# %% ../nbs/14_protocols.ipynb #ad9e98fa
+def evaluate_state(state, dataset: str, data_root=None, model: str | None = None, pretrained=None, device: str = 'auto',
+                   cache_dir=None) -> dict:
+    "The metrics of a saved learned state (a cell folder or its state.safetensors) on `dataset`, without training."
+    state = Path(state)
+    folder, path = (state, state/'state.safetensors') if state.is_dir() else (state.parent, state)
+    if not path.is_file(): raise FileNotFoundError(f'{path}: no saved state here (a finished cell folder holds state.safetensors)')
+    try: rec = json.loads((folder/'metrics.json').read_text())
+    except (OSError, ValueError): rec = {}
+    params = rec.get('params', {})
+    model = model or params.get('model') or TINY_MODEL
+    pretrained = params.get('pretrained') if pretrained is None else pretrained
+    clip = get_clip(model, None if pretrained in ('', 'none', None) else pretrained, device)
+    m = load_method(path, clip)
+    ds = load_dataset(dataset, root=data_root)
+    cache = Path(cache_dir or params.get('cache_dir') or os.environ.get('COCOAMIX_CACHE', Path.home()/'.cache'/'cocoamix'))/'features'
+    feats = lambda split: split_features(clip, split, cache_dir=cache, progress=False)
+    m.config.template = ds.template  # t_0 of the dataset scored
+    if 'base' in rec.get('metrics', {}) and params.get('dataset') == dataset:   # the cell's own base-to-new dataset
+        base, new = base_new_split(ds)
+        rb = evaluate(m, feats(base.test), base.classnames, ds.template, split=base.test)
+        rn = evaluate(m, feats(new.test), new.classnames, ds.template, split=new.test)
+        return {'base': rb['acc'], 'new': rn['acc'], 'hm': harmonic_mean(rb['acc'], rn['acc']), 'zs_base': rb['zs_acc'], 'zs_new': rn['zs_acc'],
+                'confusable_resolved_base': rb['confusable_resolved'], 'confusable_resolved_new': rn['confusable_resolved']}
+    r = evaluate(m, feats(ds.test), ds.classnames, ds.template, split=ds.test)
+    return {'acc': r['acc'], 'zs_acc': r['zs_acc'], 'confusable_resolved': r['confusable_resolved']}

@@ -4,12 +4,13 @@
 
 # %% ../nbs/15_runner.ipynb #4415aea9
 from __future__ import annotations
-import ast, dataclasses, datetime, hashlib, json, math, os, platform, shutil, socket, sys, traceback
+import ast, copy, dataclasses, datetime, hashlib, json, math, os, platform, shutil, socket, sys, traceback, uuid
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -17,10 +18,12 @@ import cocoamix
 from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
-__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'EXPERIMENTS', 'KNOB_TYPES', 'Experiment',
-           'experiments_dir', 'get_experiment', 'notebook_parameters', 'parse_value', 'check_params', 'Cell',
-           'expand_grid', 'write_json', 'run_cell', 'collect', 'metric_columns', 'summarise', 'markdown_table', 'plot',
-           'RunSummary', 'execute_cell', 'run_experiment', 'print_summary']
+__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'EXPERIMENTS', 'MINIMUM', 'KNOB_TYPES', 'VOLATILE',
+           'Experiment', 'experiments_dir', 'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell',
+           'expand_grid', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely',
+           'collect', 'metric_columns', 'summarise', 'markdown_table', 'plot', 'validate_grid', 'stable_record',
+           'RunSummary', 'finished_cells', 'write_outputs', 'run_grid', 'summary_record', 'run_experiment',
+           'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -37,6 +40,7 @@ class Experiment:
     paper_grid: dict = field(default_factory=dict)  # grid defaults with --data-root
     figure: str = 'bars'            # 'bars' | 'heatmap' | 'sessions'
     default_settings: list | None = None  # what runs without --methods (None: all settings)
+    cell_defaults: dict = field(default_factory=dict)  # defaults of cell parameters that differ from the protocol's
     @property
     def notebook(self) -> str: return f'{self.name}.ipynb'
 
@@ -50,7 +54,8 @@ EXPERIMENTS = {e.name: e for e in [
     Experiment('cross_dataset', 'Cross-dataset transfer: ImageNet-trained prompts on 10 datasets (paper: cross-dataset table)',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': ['digits'], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
-               {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}}),
+               {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}},
+               cell_defaults={'targets': ['digits']}),
     Experiment('domain_generalization', 'Domain generalisation: ImageNet-trained prompts on ImageNet-V2/-Sketch/-A/-R',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': [BUILTIN], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
@@ -93,12 +98,20 @@ def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS: raise ValueError(f'unknown experiment {name!r}; known: {", ".join(EXPERIMENTS)}')
     return EXPERIMENTS[name]
 
-def notebook_parameters(name: str) -> dict:
-    "Name -> default value of the experiment notebook's `parameters` cell."
-    import papermill as pm
-    info = pm.inspect_notebook(str(experiments_dir()/get_experiment(name).notebook))
-    if not info: raise RuntimeError(f'{name}.ipynb has no cell tagged "parameters" (was the tag stripped by nbdev_clean?)')
-    return {k: ast.literal_eval(v['default']) for k, v in info.items()}
+_CELL = dict(model='cocoamix-tiny', pretrained='none', data_root='', cache_dir='', dataset=BUILTIN, method='cocoamix', seed=1,
+             epochs=None, epoch_scale=1.0, n_views=2, shots=4, w=None, d=None, loss=None, mixing=None, stages=None,
+             out_classes=None, n_ctx=None, lr=None, batch_size=None, weights_epochs=None, config={}, setting='', out_dir='')
+_PROTOCOL_EXTRA = {
+    'base2new': {}, 'transfer': {'targets': [BUILTIN]},
+    'cross_version': {'target_model': 'cocoamix-tiny-v2', 'target_pretrained': 'none', 'target_seed': 1},
+    'fscil': {'index_dir': '', 'base_classes': 4, 'ways': 2, 'n_sessions': 3, 'fscil_shots': 5, 'base_shots': 8}}
+
+def cell_parameters(name: str) -> dict:
+    "Name -> default value of every parameter of a cell of experiment `name` (the protocol's and the method knobs)."
+    exp = get_experiment(name)
+    p = {**_CELL, **_PROTOCOL_EXTRA[exp.protocol], **exp.cell_defaults}
+    if exp.protocol == 'fscil': p.pop('shots')
+    return copy.deepcopy(p)
 
 def parse_value(text: str):
     try: return ast.literal_eval(text)
@@ -112,19 +125,24 @@ def _type_ok(value, default) -> bool:
     if isinstance(default, (list, tuple)): return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
 
+MINIMUM = {'shots': 1, 'n_views': 1, 'epochs': 1, 'n_ctx': 1, 'batch_size': 1, 'weights_epochs': 1, 'base_classes': 1, 'ways': 1,
+           'fscil_shots': 1, 'n_sessions': 0, 'base_shots': 0, 'target_seed': 0, 'lr': 0, 'w': 0, 'd': 0}   # and epoch_scale > 0
+
 KNOB_TYPES = {'epochs': 0, 'n_ctx': 0, 'batch_size': 0, 'weights_epochs': 0, 'stages': 0, 'w': 0.0, 'd': 0.0, 'lr': 0.0,
-              'loss': '', 'mixing': '', 'out_classes': ''}  # the type of each method knob whose notebook default is None
+              'loss': '', 'mixing': '', 'out_classes': ''}  # the type of each method knob whose default is None
 
 def check_params(name: str, params: dict) -> dict:
-    "Validate `params` against the notebook's parameters; returns them (ints promoted to float where the default is)."
-    defaults = notebook_parameters(name)
+    "Validate `params` against the cell parameters; returns them (ints promoted to float where the default is)."
+    defaults = cell_parameters(name)
     for k, v in params.items():
         if k not in defaults:
-            raise ValueError(f'{name}: unknown parameter {k!r}; the notebook defines: {", ".join(sorted(defaults))}')
+            raise ValueError(f'{name}: unknown parameter {k!r}; the experiment defines: {", ".join(sorted(defaults))}')
         like = defaults[k] if defaults[k] is not None else KNOB_TYPES.get(k)
         if not _type_ok(v, like):
             raise TypeError(f'{name}: parameter {k!r} must be {type(like).__name__}' + ('' if defaults[k] is None else f' like its default {defaults[k]!r}')
                             + f', got {type(v).__name__}: {v!r}')
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < MINIMUM.get(k, -math.inf) or (k == 'epoch_scale' and v <= 0)):
+            raise ValueError(f'{name}: parameter {k!r} must be {"> 0" if k == "epoch_scale" else f">= {MINIMUM[k]}"}, got {v!r}')
     return {k: float(v) if isinstance(defaults[k] if defaults[k] is not None else KNOB_TYPES.get(k), float) and isinstance(v, int)
             and not isinstance(v, bool) else v for k, v in params.items()}
 
@@ -140,7 +158,9 @@ class Cell:
     @property
     def metrics_path(self) -> Path: return self.out_dir/'metrics.json'
     @property
-    def done(self) -> bool: return self.metrics_path.is_file()
+    def done(self) -> bool:
+        "Finished: its metrics.json parses and holds this experiment's metrics (a torn or foreign file does not count)."
+        return read_metrics(self.metrics_path, self.experiment) is not None
 
 def _slug(s) -> str:
     return ''.join(ch if ch.isalnum() or ch in '-_.=+' else '_' for ch in str(s)).strip('_') or 'x'
@@ -158,7 +178,9 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
     use_paper = bool(params.get('data_root')) if paper is None else paper
     grid = exp.paper_grid if use_paper else exp.offline
     datasets = list(datasets or grid['datasets'])
-    seeds = [int(s) for s in (seeds or grid['seeds'])]
+    seeds = list(dict.fromkeys(seeds or grid['seeds']))   # a seed given twice is one cell, counted once
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in seeds):
+        raise ValueError(f'--seeds: seeds are non-negative integers, got {seeds}')
     names = list(exp.settings) if settings == ['all'] else list(settings or exp.default_settings or exp.settings)
     unknown = [s for s in names if s not in exp.settings]
     if unknown: raise ValueError(f'{name}: unknown method/setting {unknown}; known: {", ".join(exp.settings)}')
@@ -167,7 +189,7 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
     check_params(name, {**base, **{k: v[0] for k, v in sweeps.items()}})
     for k, vals in sweeps.items():
         for v in vals: check_params(name, {k: v})
-    defaults = notebook_parameters(name)
+    defaults = cell_parameters(name)
     cells = []
     for dataset, setting, combo, seed in product(datasets, names, product(*sweeps.values()) if sweeps else [()], seeds):
         swept = dict(zip(sweeps, combo))
@@ -183,11 +205,15 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
     return cells
 
 # %% ../nbs/15_runner.ipynb #0baefa5e
-def write_json(path: Path, obj) -> None:
+def write_text(path: Path, text: str) -> None:
+    "Write `text` through a temporary file and an atomic rename: readers see the old file or the new one, never half."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{socket.gethostname()}.{os.getpid()}.tmp')  # one temp file per writer
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
 
 def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool = True) -> dict:
     "Run one grid cell in this process: the protocol with `params`, then metrics.json with every setting."
@@ -215,9 +241,42 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
     record = {'experiment': experiment, 'params': params, 'method_config': config, 'not_applicable': not_applicable, 'metrics': metrics,
               'pipeline_check': is_pipeline_check(params.get('model'), p['pretrained']),
               'seconds': (datetime.datetime.now() - started).total_seconds(), 'finished': datetime.datetime.now().isoformat(),
-              'versions': {'cocoamix': cocoamix.__version__, 'python': platform.python_version()}}
+              'versions': {'cocoamix': cocoamix.__version__, 'python': platform.python_version()}, 'pid': os.getpid(),
+              'run_id': os.environ.get('COCOAMIX_RUN_ID')}
     write_json(Path(out_dir)/'metrics.json', record)
     return record
+
+# %% ../nbs/15_runner.ipynb #0bc54fc5
+def read_metrics(path: Path, experiment: str | None = None) -> dict | None:
+    "The record in a cell's metrics.json, or None if it is missing, torn or from another experiment."
+    try: rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError): return None
+    if not isinstance(rec, dict) or not isinstance(rec.get('metrics'), dict): return None
+    if experiment is not None and rec.get('experiment') != experiment: return None
+    return rec
+
+def recover_torn(cells, say=print) -> list[Path]:
+    "Move every unreadable or foreign metrics.json aside (`metrics.json.torn-<time>`), so its cell runs again."
+    moved = []
+    for c in cells:
+        if c.metrics_path.is_file() and not c.done:
+            dest = c.metrics_path.with_name(f'metrics.json.torn-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}')
+            os.replace(c.metrics_path, dest); moved.append(dest)
+            say(f'{c.metrics_path}: unreadable or not a {c.experiment} result; moved aside to {dest.name}, the cell runs again')
+    return moved
+
+def run_cell_safely(cell: Cell) -> str | None:
+    "Claim `cell`, run it in this process unless another run finished it meanwhile; None on success, else a one-line error."
+    cell.out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cell.out_dir/'.claim.lock')):       # waits while another process computes this cell
+        if cell.done: return None
+        try:
+            run_cell(cell.experiment, {**cell.params, 'setting': cell.setting}, cell.out_dir, progress=False)
+        except Exception as e:
+            (cell.out_dir/'error.txt').write_text(traceback.format_exc())
+            return f'{type(e).__name__}: {e}'.strip()[:500]
+        (cell.out_dir/'error.txt').unlink(missing_ok=True)
+        return None
 
 # %% ../nbs/15_runner.ipynb #2d331edf
 def _harmonic(b, n): return 0.0 if b + n == 0 else 2 * b * n / (b + n)
@@ -238,16 +297,18 @@ def collect(cells: list[Cell]) -> pd.DataFrame:
     "One row per finished cell: dataset, setting, seed, the swept values and the cell's scalar metrics."
     rows = []
     for c in cells:
-        if not c.done: continue
-        rec = json.loads(c.metrics_path.read_text())
+        rec = read_metrics(c.metrics_path, c.experiment)
+        if rec is None: continue
         exp = get_experiment(c.experiment)
-        rows.append({'dataset': c.dataset, 'setting': c.setting, 'seed': c.seed, 'pipeline_check': rec['pipeline_check'],
+        p = rec['params']
+        weights = 'random weights (pipeline check)' if rec['pipeline_check'] else f"{p.get('model')} / {p.get('pretrained')}"
+        rows.append({'dataset': c.dataset, 'setting': c.setting, 'seed': c.seed, 'pipeline_check': rec['pipeline_check'], 'weights': weights,
                      **{k: v for k, v in rec['method_config'].items() if k in ('w', 'd', 'loss', 'mixing')},
                      **_scalars(exp, rec['metrics'])})
     return pd.DataFrame(rows)
 
 def metric_columns(exp: Experiment, df: pd.DataFrame) -> list[str]:
-    skip = {'dataset', 'setting', 'seed', 'pipeline_check', 'w', 'd', 'loss', 'mixing'}
+    skip = {'dataset', 'setting', 'seed', 'pipeline_check', 'weights', 'w', 'd', 'loss', 'mixing'}
     return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
 
 def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
@@ -270,7 +331,7 @@ def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, params: dict) -> str:
     cols = [c[:-5] for c in table.columns if c.endswith('_mean')]
     fmt = lambda r, c: '' if pd.isna(r.get(f'{c}_mean')) else (f"{r[f'{c}_mean']:.2f}" + ('' if pd.isna(r.get(f'{c}_std')) else f" ± {r[f'{c}_std']:.2f}"))
-    lines = [f'# {exp.name}', '', exp.paper, '']
+    lines = [f'# {exp.name}', '', exp.paper, '', f"Weights: {', '.join(sorted(set(table['weights'])))}" if 'weights' in table else '', '']
     if pipeline_check:
         lines += ['> **Pipeline check, not the paper\'s numbers.** These accuracies come from a model with random weights '
                   f"(`{params.get('model')}`, pretrained = none) on small local data. They show that every stage runs end to "
@@ -305,10 +366,50 @@ def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) ->
         long = df.melt(id_vars=['setting', 'seed', 'dataset'], value_vars=cols, var_name='metric', value_name='accuracy (%)')
         sns.barplot(data=long, x='metric', y='accuracy (%)', hue='setting', errorbar='sd', ax=ax)
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), title='setting', title_fontsize=8)
-    title = f'{exp.name}' + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else '')
+    weights = ', '.join(sorted(df['weights'].unique())) if 'weights' in df else ''
+    title = f'{exp.name}' + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f' — weights: {weights}')
     ax.set_title(title, fontsize=10)
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
     return path
+
+# %% ../nbs/15_runner.ipynb #0f2e9d9d
+def _hub_tag(v) -> bool:
+    v = str(v)
+    return v not in ('', 'none', 'None') and os.sep not in v and not v.startswith('.') and Path(v).suffix not in ('.pt', '.pth', '.bin', '.safetensors')
+
+def validate_grid(name: str, cells: list) -> None:
+    "Refuse, before anything runs, a grid whose datasets are unknown or absent, or whose weights cannot be had; one message each."
+    from cocoamix.data import REGISTRY, BUILTINS, check_data
+    p0 = cells[0].params if cells else {}
+    for key in ('pretrained', 'target_pretrained'):
+        v = p0.get(key)
+        if v is None or str(v) in ('', 'none', 'None'): continue
+        flag = '--pretrained' if key == 'pretrained' else '--param target_pretrained'
+        if _hub_tag(v) and os.environ.get('HF_HUB_OFFLINE') == '1':
+            raise ValueError(f'{flag} {v}: a hub tag, and HF_HUB_OFFLINE=1, so the weights cannot be downloaded here. '
+                             f'Pass a local weights file ({flag} /path/to/open_clip_model.safetensors) or unset HF_HUB_OFFLINE.')
+        if not _hub_tag(v) and not Path(v).expanduser().is_file():
+            raise FileNotFoundError(f'{flag} {v}: no such weights file')
+    names = list(dict.fromkeys([c.dataset for c in cells] + [t for c in cells for t in c.params.get('targets', [])]))
+    unknown = [d for d in names if d not in REGISTRY]
+    if unknown: raise ValueError(f'--datasets: unknown dataset(s) {unknown}; known: {", ".join(sorted(REGISTRY))}')
+    root = p0.get('data_root') or None
+    missing = [r for r in check_data(root, [d for d in names if d not in BUILTINS]) if not r['ok']]
+    if missing:
+        where = f'under --data-root {root}' if root else 'without --data-root (the repository data/ or $COCOAMIX_DATA)'
+        raise FileNotFoundError(f'{len(missing)} dataset(s) not usable {where}:\n' + '\n'.join(f"  {r['dataset']}: {r['message']}" for r in missing)
+                                + '\n`cocoamix data check --data-root DIR` lists what is found; data/README.md says how to get each.')
+
+VOLATILE = ('start_time', 'end_time', 'duration', 'input_path', 'output_path', 'environment_variables', 'exception', 'status')
+
+def stable_record(path: Path) -> None:
+    "Drop the executed notebook's timings and paths, so the same grid gives the same record (a fresh clone stays clean)."
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    for meta in [nb.metadata] + [c.metadata for c in nb.cells]:
+        for k in VOLATILE: meta.get('papermill', {}).pop(k, None)
+        meta.pop('execution', None)
+    nbformat.write(nb, str(path))
 
 # %% ../nbs/15_runner.ipynb #47800a5a
 @dataclass
@@ -320,46 +421,121 @@ class RunSummary:
     failed: list = field(default_factory=list)   # (cell, message)
     table: pd.DataFrame | None = None
     files: dict = field(default_factory=dict)
+    interrupted: bool = False
 
-def execute_cell(cell: Cell, kernel_name: str | None = None) -> None:
-    import papermill as pm
-    cell.out_dir.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(experiments_dir()/get_experiment(cell.experiment).notebook), str(cell.out_dir/'notebook.ipynb'),
-                        parameters=cell.params, progress_bar=False, kernel_name=kernel_name, cwd=str(cell.out_dir))
+def _label(exp: Experiment, setting: str, p: dict) -> str:
+    "The setting, plus any value that differs from its grid's defaults (another grid's cells stay rows of their own)."
+    grid = exp.paper_grid if p.get('data_root') else exp.offline
+    base = {**cell_parameters(exp.name), **grid.get('params', {})}
+    skip = {'dataset', 'seed', 'method', 'config', 'setting', 'out_dir', 'data_root', 'cache_dir'}
+    extra = [f'{k}={_value_slug(v)}' for k, v in sorted(p.items()) if k in base and k not in skip and base[k] != v]
+    return f'{setting} [{" ".join(extra)}]' if extra else setting
 
-def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settings=None, seeds=None, params=None,
-                   sweeps=None, progress: bool = True, kernel_name: str | None = None, report: bool = True,
-                   executor: dict | None = None) -> RunSummary:
-    "Run (or resume) every cell of experiment `name`, then write table.csv, table.md and figure.png."
-    exp = get_experiment(name)
+def finished_cells(name: str, out) -> list[Cell]:
+    "Every finished cell under OUT/EXPERIMENT (any grid that ran there), from its metrics.json, in the experiment's order."
+    exp, cells = get_experiment(name), []
+    for path in (Path(out)/name).glob('*/*/seed*/metrics.json'):
+        rec = read_metrics(path, name)
+        if rec is None: continue
+        p = rec['params']
+        cells.append(Cell(name, p.get('dataset', ''), _label(exp, p.get('setting') or path.parents[1].name, p), int(p['seed']), p, path.parent))
+    order = {s: i for i, s in enumerate(exp.settings)}
+    datasets = {d: i for i, d in enumerate(exp.paper_grid.get('datasets', []) + exp.offline.get('datasets', []))}
+    return sorted(cells, key=lambda c: (datasets.get(c.dataset, 99), c.dataset, order.get(c.params.get('setting'), 99), c.setting, c.seed))
+
+def write_outputs(name: str, out, cells) -> dict:
+    "table.csv, table.md and figure.png of `cells` in OUT/EXPERIMENT; {} when none is finished."
+    exp, df = get_experiment(name), collect(cells)
+    if not len(df): return {}
+    folder = Path(out)/name; folder.mkdir(parents=True, exist_ok=True)
+    table = summarise(exp, df)
+    table.insert(0, 'weights', ', '.join(sorted(df['weights'].unique())))   # every table says what its weights are
+    check = bool(df['pipeline_check'].any())
+    write_text(folder/'table.csv', table.to_csv(index=False))
+    write_text(folder/'table.md', markdown_table(exp, table, check, cells[0].params))
+    return {'table': table, 'table.csv': folder/'table.csv', 'table.md': folder/'table.md', 'figure.png': plot(exp, df, folder/'figure.png', check)}
+
+def run_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=None, seeds=None, params=None, sweeps=None,
+             executor: dict | None = None, progress: bool = True, progress_file=None, only_this_grid: bool = False) -> RunSummary:
+    "Run (or resume) every cell of experiment `name` in this process (or through `executor`), then write its table and figure."
+    from cocoamix.executors import run_cells
     cells = expand_grid(name, out, datasets, settings, seeds, params, sweeps)
     s = RunSummary(name, cells)
-    from cocoamix.executors import run_cells  # local (one by one or --jobs N) or Slurm, through submitit
+    recover_torn(cells)
     s.skipped = [c for c in cells if c.done]
-    for c, err in run_cells(cells, kernel_name=kernel_name, progress=progress, **(executor or {})):
-        s.failed.append((c, err)) if err else s.ran.append(c)
-    df = collect(cells)
-    folder = Path(out)/name
-    if len(df):
-        folder.mkdir(parents=True, exist_ok=True)
-        s.table = summarise(exp, df)
-        check = bool(df['pipeline_check'].any())
-        s.table.to_csv(folder/'table.csv', index=False)
-        (folder/'table.md').write_text(markdown_table(exp, s.table, check, cells[0].params))
-        s.files = {'table.csv': folder/'table.csv', 'table.md': folder/'table.md', 'figure.png': plot(exp, df, folder/'figure.png', check)}
-        if report:
-            try:
-                import papermill as pm
-                pm.execute_notebook(str(experiments_dir()/'report.ipynb'), str(folder/'report.ipynb'),
-                                    parameters={'experiment_dir': str(folder.resolve())}, progress_bar=False, kernel_name=kernel_name)
-                s.files['report.ipynb'] = folder/'report.ipynb'
-            except Exception as e: s.failed.append((None, f'report notebook: {e}'))
+    run_id = os.environ['COCOAMIX_RUN_ID'] = uuid.uuid4().hex   # workers inherit it: which cells did this run compute?
+    try:
+        for c, err in run_cells(cells, run_cell_safely, progress=progress, progress_file=progress_file, **(executor or {})):
+            if err: s.failed.append((c, err))
+            elif (read_metrics(c.metrics_path) or {}).get('run_id') == run_id: s.ran.append(c)
+            else: s.skipped.append(c)   # another run claimed it and finished it meanwhile
+    except KeyboardInterrupt:
+        s.interrupted = True
+    files = write_outputs(name, out, cells if only_this_grid else finished_cells(name, out))
+    s.table = files.pop('table', None); s.files = files
+    return s
+
+def summary_record(s: RunSummary) -> dict:
+    "What the notebook hands back to the command line (ran / skipped / failed by folder)."
+    return {'experiment': s.experiment, 'ran': [str(c.out_dir) for c in s.ran], 'skipped': [str(c.out_dir) for c in s.skipped],
+            'failed': [[str(c.out_dir), m] for c, m in s.failed], 'files': {k: str(v) for k, v in s.files.items()},
+            'interrupted': s.interrupted}
+
+def _draw(progress_file: Path, bar) -> None:
+    try: st = json.loads(progress_file.read_text())
+    except (OSError, ValueError): return
+    if bar.total != st['total']: bar.reset(total=st['total'])
+    bar.set_description(st['desc'], refresh=False); bar.n = st['n']; bar.set_postfix_str(st['current'])
+
+def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settings=None, seeds=None, params=None,
+                   sweeps=None, progress: bool = True, kernel_name: str | None = None, executor: dict | None = None,
+                   notebook: bool = True, only_this_grid: bool = False) -> RunSummary:
+    "Check the grid, then run it through one execution of the experiment notebook (or in this process with notebook=False)."
+    cells = expand_grid(name, out, datasets, settings, seeds, params, sweeps)   # every input is checked here: nothing written yet
+    validate_grid(name, cells)
+    if not notebook: return run_grid(name, out, datasets, settings, seeds, params, sweeps, executor, progress, None, only_this_grid)
+    import papermill as pm, threading
+    folder = (Path(out)/name).resolve(); folder.mkdir(parents=True, exist_ok=True)
+    progress_file, summary_file = folder/'.progress.json', folder/'.summary.json'
+    for f in (progress_file, summary_file): f.unlink(missing_ok=True)
+    nb_params = dict(datasets=list(datasets or []), methods=list(settings or []), seeds=[int(k) for k in seeds or []],
+                     params=dict(params or {}), sweeps={k: list(v) for k, v in (sweeps or {}).items()}, out=str(out),
+                     executor=dict(executor or {}), progress_file=str(progress_file), summary_file=str(summary_file),
+                     only_this_grid=only_this_grid)
+    err, record = {}, folder/f'{name}.ipynb'
+    def execute():
+        try: pm.execute_notebook(str(experiments_dir()/get_experiment(name).notebook), str(record),
+                                 parameters=nb_params, progress_bar=False, kernel_name=kernel_name, cwd=os.getcwd())
+        except BaseException as e: err['e'] = e
+    terminal = os.fdopen(os.dup(2), 'w')                  # the bar stays on the terminal ...
+    kernel_log = open(folder/'.kernel.log', 'w')
+    os.dup2(kernel_log.fileno(), 2)                       # ... the kernel's own chatter goes to OUT/EXP/.kernel.log
+    try:
+        worker = threading.Thread(target=execute, daemon=True); worker.start()
+        with tqdm(total=sum(not c.done for c in cells), desc=name, disable=not progress, unit='cell', file=terminal) as bar:
+            while worker.is_alive():
+                worker.join(0.5); _draw(progress_file, bar)
+            _draw(progress_file, bar)
+    finally:
+        os.dup2(terminal.fileno(), 2); kernel_log.close()
+    if record.is_file(): stable_record(record)
+    s = RunSummary(name, cells)
+    if summary_file.is_file():
+        rec, by_dir = json.loads(summary_file.read_text()), {str(c.out_dir.resolve()): c for c in cells}
+        pick = lambda d: by_dir.get(str(Path(d).resolve()))
+        s.ran, s.skipped = [pick(d) for d in rec['ran']], [pick(d) for d in rec['skipped']]
+        s.failed = [(pick(d), m) for d, m in rec['failed']]
+        s.files, s.interrupted = {k: Path(v) for k, v in rec['files'].items()}, rec['interrupted']
+        if (folder/'table.csv').is_file(): s.table = pd.read_csv(folder/'table.csv')
+    elif 'e' in err:
+        s.failed.append((None, f'the experiment notebook failed ({folder/f"{name}.ipynb"}): {str(err["e"]).strip().splitlines()[-1][:300] if str(err["e"]).strip() else type(err["e"]).__name__}'))
+    s.files['notebook'] = folder/f'{name}.ipynb'
     return s
 
 def print_summary(s: RunSummary) -> None:
     print(f'{s.experiment}: {len(s.ran)} cells run, {len(s.skipped)} already finished (skipped), {len(s.failed)} failed')
     for c, msg in s.failed:
-        where = f'{c.dataset} / {c.setting} / seed {c.seed}: see {c.out_dir/"notebook.ipynb"}' if c else ''
+        where = f'{c.dataset} / {c.setting} / seed {c.seed}: see {c.out_dir/"error.txt"}' if c else ''
         print(f'  FAILED {where}\n    {msg}')
     for k, v in s.files.items(): print(f'  wrote {v}')
-    if (f := s.files.get('table.md')): print('\n' + Path(f).read_text())
+    if (f := s.files.get('table.md')) and Path(f).is_file(): print('\n' + Path(f).read_text())

@@ -1,5 +1,5 @@
-"""The grid run by submitit in parallel processes gives the same table as the sequential run, and a rerun on the
-(Slurm) job-array path submits only the cells without metrics. Papermill really runs the notebooks."""
+"""The grid run by submitit in long-lived worker processes gives the same table as the sequential run, and a rerun on
+the (Slurm) job-array path submits only the cells without metrics, in tasks of many cells."""
 import datetime, json, shutil
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 
 from cocoamix import executors
 from cocoamix.executors import run_cells, live_job, JOB_RECORD
-from cocoamix.runner import expand_grid, collect, summarise, get_experiment
+from cocoamix.runner import expand_grid, collect, summarise, get_experiment, run_cell_safely, read_metrics
 
 GRID = dict(settings=['zsclip', 'coop'], seeds=[1, 2])
 
@@ -27,27 +27,21 @@ def assert_same_table(a, b):
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-6)
 
 
-def interval(cell):
-    rec = json.loads(cell.metrics_path.read_text())
-    end = datetime.datetime.fromisoformat(rec['finished'])
-    return end - datetime.timedelta(seconds=rec['seconds']), end
-
-
 @pytest.fixture(scope='module')
 def sequential(tmp_path_factory):
     out = tmp_path_factory.mktemp('seq')
     cells = grid(out, out / 'cache')
-    res = run_cells(cells, progress=False)
+    res = run_cells(cells, run_cell_safely, progress=False)
     assert [(c.setting, c.seed, e) for c, e in res] == [(s, k, None) for s in GRID['settings'] for k in GRID['seeds']]
     return table(cells)
 
 
 @pytest.fixture(scope='module')
 def parallel(tmp_path_factory):
-    "submitit's LocalExecutor, two cells at a time, with a fresh feature cache that the first cells build concurrently."
+    "submitit's LocalExecutor, two worker processes sharing the cells, with a fresh feature cache that they build concurrently."
     out = tmp_path_factory.mktemp('par')
     cells = grid(out, out / 'cache')
-    res = run_cells(cells, executor='local', jobs=2, progress=False)
+    res = run_cells(cells, run_cell_safely, executor='local', jobs=2, progress=False)
     return out, cells, res
 
 
@@ -55,10 +49,10 @@ def test_parallel_local_run_gives_the_sequential_table(sequential, parallel):
     out, cells, res = parallel
     assert [e for _, e in res] == [None] * 4 and all(c.done for c in cells)
     assert_same_table(table(cells), sequential)
-    # the cells ran in separate submitit jobs (one result each), at least two of them at the same time
-    assert len(list((out / 'base2new' / '.submitit').glob('*_result.pkl'))) == 4
-    spans = sorted(interval(c) for c in cells)
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    # two long-lived workers (one submitit job each) shared the four cells: two process ids, two cells each
+    assert len(list((out / 'base2new' / '.submitit').glob('*_result.pkl'))) == 2
+    pids = [read_metrics(c.metrics_path)['pid'] for c in cells]
+    assert len(set(pids)) == 2 and sorted(pids.count(p) for p in set(pids)) == [2, 2]
     assert len(list((out / 'cache').rglob('*.safetensors'))) > 0 and not list((out / 'cache').rglob('*.tmp'))
 
 
@@ -72,15 +66,15 @@ def test_job_array_path_resubmits_only_unfinished_cells(sequential, parallel, tm
     failing = expand_grid('base2new', out, datasets=['caltech101'], settings=['zsclip'], seeds=[1],
                           params={'data_root': str(tmp_path / 'no_data'), 'epochs': 1, 'cache_dir': str(out / 'cache')})
     slurm = {'cluster': 'local', 'partition': 'ignored-here', 'time': '0:10:00', 'array_parallelism': 4}
-    res = run_cells(cells + failing, executor='slurm', slurm=slurm, gpus_per_cell=0, folder=tmp_path / 'logs', progress=False)
+    res = run_cells(cells + failing, run_cell_safely, executor='slurm', slurm=slurm, gpus_per_cell=0, folder=tmp_path / 'logs', progress=False)
     assert [(c.dataset, c.setting, c.seed) for c, _ in res] == [(c.dataset, c.setting, c.seed) for c in lost + failing]
     errors = dict((c.dataset, e) for c, e in res)
     assert errors['fashion_mnist'] is None and 'caltech-101' in errors['caltech101']
     assert {p: p.stat().st_mtime_ns for p in kept} == kept              # finished cells untouched
     assert_same_table(table(cells), sequential)
-    assert len(list((tmp_path / 'logs').glob('*_result.pkl'))) == 2
+    assert len(list((tmp_path / 'logs').glob('*_result.pkl'))) == 1           # one task ran both cells (cells_per_task=20)
     assert not list(out.rglob(JOB_RECORD))                               # job records are for Slurm only
-    assert run_cells(cells, executor='slurm', slurm=slurm, progress=False) == []   # all done: nothing submitted
+    assert run_cells(cells, run_cell_safely, executor='slurm', slurm=slurm, progress=False) == []   # all done: nothing submitted
 
 
 class FakeSlurmJob:

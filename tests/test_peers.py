@@ -205,8 +205,8 @@ def test_every_method_is_a_row_of_the_table(experiment, setup, tmp_path):
 
 def test_cross_version_notebook_runs_through_papermill(tmp_path, setup):
     r = subprocess.run([sys.executable, '-m', 'cocoamix', 'run', 'cross_version', '--methods', 'contcoop', '--seeds', '1',
-                        '--epochs', '1', '--param', 'n_views=1', '--out', str(tmp_path), '--cache-dir', str(setup[4]), '--quiet',
-                        '--no-report'], capture_output=True, text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+                        '--epochs', '1', '--param', 'n_views=1', '--out', str(tmp_path), '--cache-dir', str(setup[4]), '--quiet'],
+                       capture_output=True, text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     assert r.returncode == 0, r.stdout + r.stderr
     table = pd.read_csv(tmp_path / 'cross_version' / 'table.csv')
     assert list(table['setting']) == ['contcoop'] and {'target_mean', 'target_zs_mean', 'gain_target_mean', 'resolved_mean'} <= set(table.columns)
