@@ -23,8 +23,8 @@ from .protocols import get_clip, run_base2new, resolve_device
 # %% auto #0
 __all__ = ['BF16_PEAK_TFLOPS', 'PeakMemory', 'coop_autocast', 'full_length', 'coop_train_loop', 'coop_style', 'step_setup',
            'ours_steps', 'reference_steps', 'loss_both_ways', 'text_positions', 'time_steps', 'datasheet_bf16_peak',
-           'matmul_tflops', 'text_pass_utilisation', 'coop_encode', 'reference_base2new', 'time_cell', 'parse_args',
-           'main']
+           'matmul_tflops', 'text_pass_utilisation', 'coop_encode', 'reference_base2new', 'time_cell',
+           'runner_overhead', 'parse_args', 'main']
 
 # %% ../nbs/18_bench.ipynb #92395025
 def _rss() -> int:
@@ -279,6 +279,22 @@ def time_cell(model: str = TINY_MODEL, pretrained=None, device: str = 'auto', da
     out['accuracy'] = {k: {'ours': {'base': ours[k]['base'], 'new': ours[k]['new']}, 'reference': ref[k]} for k in ours}
     return out
 
+# %% ../nbs/18_bench.ipynb #f53c58a0
+def runner_overhead(seeds: int = 12, method: str = 'zsclip') -> dict:
+    "Seconds a grid cell costs beyond its work through `cocoamix run`: (t(`seeds`-seed grid) - t(1-seed grid)) / (seeds - 1)."
+    from cocoamix.runner import run_experiment
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        def timed(n: int, sub: str) -> float:
+            start = time.perf_counter()
+            s = run_experiment('base2new', root/sub, settings=[method], seeds=list(range(1, n + 1)),
+                               params={'cache_dir': str(root/'cache')}, progress=False)
+            if s.failed: raise RuntimeError(f'runner_overhead: {s.failed[0][1]}')
+            return time.perf_counter() - start
+        timed(1, 'warm-up')   # builds the feature and few-shot caches once
+        one, many = timed(1, 'one'), timed(seeds, 'many')
+    return {'seeds': seeds, 'one_s': one, 'many_s': many, 'per_cell_s': (many - one) / (seeds - 1)}
+
 # %% ../nbs/18_bench.ipynb #894e0563
 def _hardware(device) -> str:
     if device.type == 'cuda': return f'{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)'
@@ -310,11 +326,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--n-views', type=int, default=8)
     p.add_argument('--out', default='outputs/bench', help='folder for the JSON and text report')
     p.add_argument('--tag', default='', help='extra suffix for the report file names')
+    p.add_argument('--runner-overhead', action='store_true', help='only measure the fixed cost of a grid cell through cocoamix run')
     return p.parse_args(argv)
 
 def main(argv=None) -> dict:
     "Run the benchmark; print a summary ending in `speedup: X.XXx`; write JSON and text to `--out`."
     a = parse_args(argv)
+    if a.runner_overhead:
+        r = runner_overhead(max(2, len(a.seeds) if a.seeds != [1, 2, 3] else 12))
+        print(f"fixed cost of a cell: {r['per_cell_s']:.3f} s  ({r['seeds']}-seed zero-shot grid {r['many_s']:.1f} s, 1-seed grid {r['one_s']:.1f} s, "
+              f"both through one executed notebook; {_hardware(torch.device('cpu'))})")
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out)/f'runner_overhead{a.tag}.json').write_text(json.dumps({**r, 'date': datetime.date.today().isoformat()}, indent=1))
+        return r
     device = torch.device(resolve_device(a.device))
     clip = get_clip(a.model, a.pretrained, str(device))
     lines = []

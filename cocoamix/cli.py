@@ -90,6 +90,7 @@ def methods_main(argv=None) -> int:
 def data_main(argv=None) -> int:
     "`cocoamix data check --data-root DIR [--datasets ...]`: found or missing, with the path expected and where to get it."
     from cocoamix.data import check_data, COOP_DATASETS
+    import cocoamix.world  # noqa: F401  (its datasets are known by name too)
     p = argparse.ArgumentParser(prog='cocoamix data check', description='Check that datasets are usable under a data root (CoOp layout).')
     p.add_argument('action', choices=['check'])
     p.add_argument('--data-root', required=True, help='the folder holding the datasets (data/README.md)')

@@ -152,7 +152,8 @@ class DatasetInfo:
     drop: tuple = ()              # raw class names to drop
     camel: bool = False           # split CamelCase class names (UCF101)
     classnames: tuple = ()        # the full, ordered class list when it is fixed and known (checked on load)
-    kind: str = 'coop_json'       # coop_json | aircraft | imagenet | imagenet_variant | cifar100 | builtin
+    kind: str = 'coop_json'       # coop_json | aircraft | imagenet | imagenet_variant | cifar100 | builtin | generated
+    generate: object = None       # kind 'generated': a callable returning the DatasetSplits (the world's datasets)
     layout: str = ''              # expected folder layout (shown in errors)
     where: str = ''               # where researchers get it
     hf: dict = field(default_factory=dict)   # defaults for source='hf' (hf_id, image_column, label_column, splits)
@@ -550,6 +551,7 @@ def load_dataset(name: str, root=None, source: str = 'auto', **kwargs) -> Datase
         tr, va, te, names, where = _read_folder(path, info, name, root, classnames=classnames, **kwargs)
     else:
         if kwargs: raise TypeError(f"source='coop' takes no extra arguments, got {sorted(kwargs)}")
+        if info.kind == 'generated': return replace(info.generate(), template=template)   # rendered, no files needed
         if info.kind == 'builtin': return load_dataset(name, root, 'builtin', template=template, classnames=classnames)
         d = _need(root / info.folder, info, root, 'dataset folder')
         if info.kind == 'coop_json':

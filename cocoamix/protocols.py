@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .backbone import load_clip, FrozenCLIP, TINY_MODEL, TINY_CONFIG, register_tiny_model
+from .world import WORLD_MODEL, WORLD_WEIGHTS_SHA, load_world_clip, world_weights  # also registers the world's datasets
 from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, train_transform
 from .features import split_features, Features
 from dataclasses import asdict
@@ -34,8 +35,13 @@ def resolve_device(device: str = 'auto') -> str:
     return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 
 def get_clip(model: str = TINY_MODEL, pretrained=None, device: str = 'auto', seed: int = 0) -> FrozenCLIP:
+    "The frozen CLIP, loaded once per process; `pretrained='world'` is the committed world model (`cocoamix.world`)."
     key = (model, str(pretrained), resolve_device(device), seed)
     if key not in _CLIPS:
+        if pretrained == 'world':
+            if model != WORLD_MODEL: raise ValueError(f"pretrained='world' is the weights of {WORLD_MODEL}, not of {model}: pass --model {WORLD_MODEL}")
+            clip = load_world_clip(world_weights(), device=key[2]); clip.weights = f'world-{WORLD_WEIGHTS_SHA}'
+            _CLIPS[key] = clip; return clip
         clip = load_clip(model, pretrained, device=key[2], seed=seed)
         if seed and clip.weights == 'random': clip.weights = f'random-seed{seed}'
         _CLIPS[key] = clip

@@ -243,6 +243,9 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
               'seconds': (datetime.datetime.now() - started).total_seconds(), 'finished': datetime.datetime.now().isoformat(),
               'versions': {'cocoamix': cocoamix.__version__, 'python': platform.python_version()}, 'pid': os.getpid(),
               'run_id': os.environ.get('COCOAMIX_RUN_ID')}
+    if p.get('pretrained') == 'world':
+        from cocoamix.world import world_identity
+        record['world'] = world_identity()   # the frozen world: generator version and weights hash
     write_json(Path(out_dir)/'metrics.json', record)
     return record
 
@@ -301,7 +304,9 @@ def collect(cells: list[Cell]) -> pd.DataFrame:
         if rec is None: continue
         exp = get_experiment(c.experiment)
         p = rec['params']
-        weights = 'random weights (pipeline check)' if rec['pipeline_check'] else f"{p.get('model')} / {p.get('pretrained')}"
+        weights = ('random weights (pipeline check)' if rec['pipeline_check'] else
+                   f"world model {rec['world']['world_version']} ({rec['world']['weights_sha256_16']}): not the paper's numbers" if rec.get('world')
+                   else f"{p.get('model')} / {p.get('pretrained')}")
         rows.append({'dataset': c.dataset, 'setting': c.setting, 'seed': c.seed, 'pipeline_check': rec['pipeline_check'], 'weights': weights,
                      **{k: v for k, v in rec['method_config'].items() if k in ('w', 'd', 'loss', 'mixing')},
                      **_scalars(exp, rec['metrics'])})
@@ -337,6 +342,11 @@ def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, p
                   f"(`{params.get('model')}`, pretrained = none) on small local data. They show that every stage runs end to "
                   'end; they say nothing about the method. Run with `--model ViT-B-16 --pretrained openai --data-root DIR` '
                   'for the paper\'s setting.', '']
+    if any(str(w).startswith('world model') for w in table.get('weights', [])):
+        lines += ['> **World model: not the paper\'s numbers.** These accuracies come from the small CLIP this repository pretrains '
+                  'on a generated image-caption world (`cocoamix.world`, calibrated against what the field knows of CLIP and then '
+                  'frozen), on datasets drawn from that world. They show what the methods do on a CLIP-like model; they are not '
+                  'ImageNet/CoOp numbers.', '']
     lines += ['| dataset | setting | ' + ' | '.join(cols) + ' | seeds |', '|' + ' --- |' * (len(cols) + 3)]
     for _, r in table.iterrows():
         lines.append(f"| {r['dataset']} | {r['setting']} | " + ' | '.join(fmt(r, c) for c in cols) + f" | {int(r['seeds'])} |")
@@ -375,15 +385,16 @@ def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) ->
 # %% ../nbs/15_runner.ipynb #0f2e9d9d
 def _hub_tag(v) -> bool:
     v = str(v)
-    return v not in ('', 'none', 'None') and os.sep not in v and not v.startswith('.') and Path(v).suffix not in ('.pt', '.pth', '.bin', '.safetensors')
+    return v not in ('', 'none', 'None', 'world') and os.sep not in v and not v.startswith('.') and Path(v).suffix not in ('.pt', '.pth', '.bin', '.safetensors')
 
 def validate_grid(name: str, cells: list) -> None:
     "Refuse, before anything runs, a grid whose datasets are unknown or absent, or whose weights cannot be had; one message each."
     from cocoamix.data import REGISTRY, BUILTINS, check_data
     p0 = cells[0].params if cells else {}
+    import cocoamix.world  # noqa: F401  (registers the world's datasets)
     for key in ('pretrained', 'target_pretrained'):
         v = p0.get(key)
-        if v is None or str(v) in ('', 'none', 'None'): continue
+        if v is None or str(v) in ('', 'none', 'None', 'world'): continue
         flag = '--pretrained' if key == 'pretrained' else '--param target_pretrained'
         if _hub_tag(v) and os.environ.get('HF_HUB_OFFLINE') == '1':
             raise ValueError(f'{flag} {v}: a hub tag, and HF_HUB_OFFLINE=1, so the weights cannot be downloaded here. '
@@ -394,7 +405,7 @@ def validate_grid(name: str, cells: list) -> None:
     unknown = [d for d in names if d not in REGISTRY]
     if unknown: raise ValueError(f'--datasets: unknown dataset(s) {unknown}; known: {", ".join(sorted(REGISTRY))}')
     root = p0.get('data_root') or None
-    missing = [r for r in check_data(root, [d for d in names if d not in BUILTINS]) if not r['ok']]
+    missing = [r for r in check_data(root, [d for d in names if d not in BUILTINS and REGISTRY[d].kind != 'generated']) if not r['ok']]
     if missing:
         where = f'under --data-root {root}' if root else 'without --data-root (the repository data/ or $COCOAMIX_DATA)'
         raise FileNotFoundError(f'{len(missing)} dataset(s) not usable {where}:\n' + '\n'.join(f"  {r['dataset']}: {r['message']}" for r in missing)

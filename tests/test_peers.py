@@ -209,7 +209,7 @@ def test_cross_version_notebook_runs_through_papermill(tmp_path, setup):
                        capture_output=True, text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     assert r.returncode == 0, r.stdout + r.stderr
     table = pd.read_csv(tmp_path / 'cross_version' / 'table.csv')
-    assert list(table['setting']) == ['contcoop'] and {'target_mean', 'target_zs_mean', 'gain_target_mean', 'resolved_mean'} <= set(table.columns)
+    assert list(table['setting']) == ['contcoop [epochs=1 n_views=1]'] and {'target_mean', 'target_zs_mean', 'gain_target_mean', 'resolved_mean'} <= set(table.columns)
     rec = json.loads(next((tmp_path / 'cross_version').rglob('metrics.json')).read_text())
     assert rec['params']['target_model'] == TINY_V2_MODEL and rec['metrics']['target_model'].startswith(TINY_V2_MODEL)
 
