@@ -18,12 +18,12 @@ import cocoamix
 from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
-__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'EXPERIMENTS', 'MINIMUM', 'KNOB_TYPES', 'VOLATILE',
-           'Experiment', 'experiments_dir', 'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell',
-           'expand_grid', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely',
-           'collect', 'metric_columns', 'summarise', 'markdown_table', 'plot', 'validate_grid', 'stable_record',
-           'RunSummary', 'finished_cells', 'write_outputs', 'run_grid', 'summary_record', 'run_experiment',
-           'print_summary']
+__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
+           'MINIMUM', 'KNOB_TYPES', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid', 'grid_of',
+           'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid', 'write_text',
+           'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
+           'summarise', 'markdown_table', 'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells',
+           'write_outputs', 'run_grid', 'summary_record', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -36,11 +36,12 @@ class Experiment:
     paper: str                      # what it reproduces
     protocol: str                   # 'base2new' | 'transfer' | 'fscil' | 'cross_version'
     settings: dict                  # setting name -> method config (method + overrides)
-    offline: dict = field(default_factory=dict)   # grid defaults without --data-root
+    offline: dict = field(default_factory=dict)   # grid defaults without --data-root: the built-in real data, tiny random model
     paper_grid: dict = field(default_factory=dict)  # grid defaults with --data-root
     figure: str = 'bars'            # 'bars' | 'heatmap' | 'sessions'
     default_settings: list | None = None  # what runs without --methods (None: all settings)
     cell_defaults: dict = field(default_factory=dict)  # defaults of cell parameters that differ from the protocol's
+    world: dict = field(default_factory=dict)     # grid defaults without --data-root: the world model and its datasets (the default)
     @property
     def notebook(self) -> str: return f'{self.name}.ipynb'
 
@@ -48,18 +49,29 @@ OFFLINE_BUDGET = 0.1  # offline grids: every method's own epochs x 0.1 (`epoch_s
 _B2N_OFF = {'datasets': [BUILTIN], 'seeds': [1, 2, 3], 'params': {'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}}
 _B2N_PAPER = {'datasets': COOP_DATASETS, 'seeds': [1, 2, 3], 'params': {'shots': 4, 'n_views': 8}}
 _ABL_PAPER = {**_B2N_PAPER, 'datasets': COOP_DATASETS}
+WORLD_DOWNSTREAM = ['world_glyphs', 'world_fauna', 'world_flora', 'world_textiles', 'world_orbital', 'world_vehicles', 'world_dishes']
+WORLD_VARIANTS = ['world_imagenet_v2', 'world_imagenet_sketch', 'world_imagenet_a', 'world_imagenet_r']
+_ON_WORLD = {'model': 'cocoamix-world', 'pretrained': 'world'}
+# the world grid is the paper grid on the world: 4 shots, 8 views, each method's own epochs; the heavier protocols
+# (100-class source, FSCIL) run the named offline budget so that they take minutes on 2 CPU cores
+_B2N_WORLD = {'datasets': WORLD_DOWNSTREAM, 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'shots': 4, 'n_views': 8}}
+_ABL_WORLD = {**_B2N_WORLD, 'datasets': ['world_flora', 'world_orbital', 'world_dishes'], 'seeds': [1, 2]}  # ours: 3 sets, 2 seeds, for time
 EXPERIMENTS = {e.name: e for e in [
     Experiment('base2new', 'Base-to-new generalisation over 11 datasets (paper: base-to-new table; peers: CoCoOp protocol)',
-               'base2new', METHOD_SETTINGS, _B2N_OFF, _B2N_PAPER, default_settings=CORE_METHODS),
+               'base2new', METHOD_SETTINGS, _B2N_OFF, _B2N_PAPER, default_settings=CORE_METHODS, world=_B2N_WORLD),
     Experiment('cross_dataset', 'Cross-dataset transfer: ImageNet-trained prompts on 10 datasets (paper: cross-dataset table)',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': ['digits'], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}},
-               cell_defaults={'targets': ['digits']}),
+               cell_defaults={'targets': ['digits']},
+               world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_DOWNSTREAM, 'shots': 4,
+                                                                                 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
     Experiment('domain_generalization', 'Domain generalisation: ImageNet-trained prompts on ImageNet-V2/-Sketch/-A/-R',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': [BUILTIN], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
-               {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': IMAGENET_VARIANTS, 'shots': 4, 'n_views': 8}}),
+               {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': IMAGENET_VARIANTS, 'shots': 4, 'n_views': 8}},
+               world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_VARIANTS, 'shots': 4,
+                                                                                 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
     Experiment('cross_version', 'Cross-version compatibility: prompts trained on one CLIP, used without retraining on an upgraded CLIP '
                'with the same text width (ContCoOp\'s protocol; OpenAI ViT-B/16 -> LAION-2B ViT-B/16)', 'cross_version', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2, 'target_model': 'cocoamix-tiny-v2'}},
@@ -69,22 +81,24 @@ EXPERIMENTS = {e.name: e for e in [
                {'coop': {'method': 'coop'}, 'cocoamix': COCOAMIX},
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'base_classes': 4, 'ways': 2, 'n_sessions': 3, 'base_shots': 8, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['cifar100'], 'seeds': [1, 2, 3], 'params': {'base_classes': 60, 'ways': 5, 'n_sessions': 8, 'base_shots': 0, 'n_views': 8}},
-               figure='sessions'),
+               figure='sessions',
+               world={'datasets': ['world_fscil'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'base_classes': 60, 'ways': 5, 'n_sessions': 8,
+                                                                              'base_shots': 0, 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
     Experiment('ablation_outclass', 'Out-class set: random words vs random strings (paper appendix F.3)', 'base2new',
                {'random words': {**COCOAMIX, 'out_classes': 'words'}, 'random strings': {**COCOAMIX, 'out_classes': 'strings'}},
-               _B2N_OFF, _ABL_PAPER),
+               _B2N_OFF, _ABL_PAPER, world=_ABL_WORLD),
     Experiment('ablation_stages', 'One-stage vs two-stage optimisation (paper appendix D.1)', 'base2new',
-               {'one-stage': {**COCOAMIX, 'stages': 1}, 'two-stage': {**COCOAMIX, 'stages': 2}}, _B2N_OFF, _ABL_PAPER),
+               {'one-stage': {**COCOAMIX, 'stages': 1}, 'two-stage': {**COCOAMIX, 'stages': 2}}, _B2N_OFF, _ABL_PAPER, world=_ABL_WORLD),
     Experiment('ablation_components', 'Components: CE, +CoA-loss, +naive mixture, +CoA-weights (paper ablation table)', 'base2new',
                {'CE': {**COCOAMIX, 'loss': 'ce', 'mixing': 'none'}, '+CoA-loss': {**COCOAMIX, 'loss': 'coa', 'mixing': 'none'},
                 '+naive mixture': {**COCOAMIX, 'loss': 'coa', 'mixing': 'naive'},
-                '+CoA-weights': {**COCOAMIX, 'loss': 'coa', 'mixing': 'coa_weights'}}, _B2N_OFF, _ABL_PAPER),
+                '+CoA-weights': {**COCOAMIX, 'loss': 'coa', 'mixing': 'coa_weights'}}, _B2N_OFF, _ABL_PAPER, world=_ABL_WORLD),
     Experiment('ablation_loss_mixing', 'Losses (CE, focal, CoA) x mixing (none, naive, CoA-weights) (paper loss ablation)', 'base2new',
                {f'{l} / {m}': {**COCOAMIX, 'loss': l, 'mixing': m} for l in ('ce', 'focal', 'coa') for m in ('none', 'naive', 'coa_weights')},
-               _B2N_OFF, _ABL_PAPER, figure='heatmap'),
+               _B2N_OFF, _ABL_PAPER, figure='heatmap', world=_ABL_WORLD),
     Experiment('ablation_w_d', 'Sensitivity to the CoA-loss weight w and the entropy margin d (heat map)', 'base2new',
                {f'w={w} d={d}': {**COCOAMIX, 'w': w, 'd': d} for w in (0.0, 1.0, 4.0) for d in (0.0, 0.5, 2.0)},
-               {**_B2N_OFF, 'seeds': [1, 2]}, _ABL_PAPER, figure='heatmap'),
+               {**_B2N_OFF, 'seeds': [1, 2]}, _ABL_PAPER, figure='heatmap', world=_ABL_WORLD),
 ]}
 
 # %% ../nbs/15_runner.ipynb #43ac59dc
@@ -93,6 +107,18 @@ def experiments_dir() -> Path:
     if not d.is_dir(): raise FileNotFoundError(f'experiment notebooks not found in {d}: run from a clone of the repository '
                                                '(pip install -e .) or set COCOAMIX_EXPERIMENTS to its nbs/experiments folder')
     return d
+
+def offline_grid() -> str:
+    "Which grid runs without --data-root: 'world' (the default: the world model and its datasets) or 'builtin' ($COCOAMIX_OFFLINE)."
+    kind = os.environ.get('COCOAMIX_OFFLINE', 'world')
+    if kind not in ('world', 'builtin'): raise ValueError(f"COCOAMIX_OFFLINE must be 'world' or 'builtin', got {kind!r}")
+    return kind
+
+def grid_of(exp: Experiment, params: dict) -> dict:
+    "The grid a run uses: the paper's with a data root; else the world (or the built-in data when asked, or when the experiment has no world grid)."
+    if params.get('data_root'): return exp.paper_grid
+    if params.get('model') not in (None, 'cocoamix-world'): return exp.offline   # another model asked for: the built-in data
+    return exp.world if exp.world and offline_grid() == 'world' else exp.offline
 
 def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS: raise ValueError(f'unknown experiment {name!r}; known: {", ".join(EXPERIMENTS)}')
@@ -175,8 +201,7 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
     "All cells of experiment `name`; `sweeps` = {param: [values]} multiplies the settings."
     exp = get_experiment(name)
     params = dict(params or {})
-    use_paper = bool(params.get('data_root')) if paper is None else paper
-    grid = exp.paper_grid if use_paper else exp.offline
+    grid = grid_of(exp, params) if paper is None else (exp.paper_grid if paper else exp.offline)
     datasets = list(datasets or grid['datasets'])
     seeds = list(dict.fromkeys(seeds or grid['seeds']))   # a seed given twice is one cell, counted once
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in seeds):
@@ -436,7 +461,7 @@ class RunSummary:
 
 def _label(exp: Experiment, setting: str, p: dict) -> str:
     "The setting, plus any value that differs from its grid's defaults (another grid's cells stay rows of their own)."
-    grid = exp.paper_grid if p.get('data_root') else exp.offline
+    grid = exp.paper_grid if p.get('data_root') else exp.world if p.get('pretrained') == 'world' else exp.offline
     base = {**cell_parameters(exp.name), **grid.get('params', {})}
     skip = {'dataset', 'seed', 'method', 'config', 'setting', 'out_dir', 'data_root', 'cache_dir'}
     extra = [f'{k}={_value_slug(v)}' for k, v in sorted(p.items()) if k in base and k not in skip and base[k] != v]
@@ -451,7 +476,7 @@ def finished_cells(name: str, out) -> list[Cell]:
         p = rec['params']
         cells.append(Cell(name, p.get('dataset', ''), _label(exp, p.get('setting') or path.parents[1].name, p), int(p['seed']), p, path.parent))
     order = {s: i for i, s in enumerate(exp.settings)}
-    datasets = {d: i for i, d in enumerate(exp.paper_grid.get('datasets', []) + exp.offline.get('datasets', []))}
+    datasets = {d: i for i, d in enumerate(exp.paper_grid.get('datasets', []) + exp.world.get('datasets', []) + exp.offline.get('datasets', []))}
     return sorted(cells, key=lambda c: (datasets.get(c.dataset, 99), c.dataset, order.get(c.params.get('setting'), 99), c.setting, c.seed))
 
 def write_outputs(name: str, out, cells) -> dict:
@@ -511,7 +536,8 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
     for f in (progress_file, summary_file): f.unlink(missing_ok=True)
     nb_params = dict(datasets=list(datasets or []), methods=list(settings or []), seeds=[int(k) for k in seeds or []],
                      params=dict(params or {}), sweeps={k: list(v) for k, v in (sweeps or {}).items()}, out=str(out),
-                     executor=dict(executor or {}), progress_file=str(progress_file), summary_file=str(summary_file),
+                     executor=dict(executor or {}), progress_file=str(Path(out)/name/progress_file.name),   # relative, like `out`:
+                     summary_file=str(Path(out)/name/summary_file.name),                                       # the record names no machine
                      only_this_grid=only_this_grid)
     err, record = {}, folder/f'{name}.ipynb'
     def execute():

@@ -28,3 +28,7 @@ def setup(tmp_path_factory):
     base, new = base_new_split(few_shot_splits(load_dataset('fashion_mnist'), shots=4, seed=1))
     train = split_features(clip, base.train, n_views=2, cache_dir=cache, progress=False)
     return clip, base, new, train, cache
+
+# The tests run the built-in real-data grid on the tiny random model (fast); the world grid, the default of
+# `cocoamix run`, has tests of its own (tests/test_world.py).
+os.environ.setdefault('COCOAMIX_OFFLINE', 'builtin')

@@ -462,3 +462,11 @@ def test_readme_covers_every_dataset():
         if info.split_file: assert info.split_file in text
     assert 'cocoamix run base2new --data-root /path/to/DATA --datasets caltech101' in text
     assert 'MIT' in text and "CoOp's DATASETS.md" in text
+
+
+def test_a_split_entry_whose_file_is_missing_names_it(tmp_path):
+    fx.caltech(tmp_path)
+    split = tmp_path / 'caltech-101' / 'split_zhou_Caltech101.json'
+    d = json.loads(split.read_text()); d['train'][0][0] = 'accordion/not_there.png'; split.write_text(json.dumps(d))
+    with pytest.raises(FileNotFoundError, match='not_there.png'):   # checked when the split is read, with the path
+        D.load_dataset('caltech101', root=tmp_path)

@@ -205,3 +205,20 @@ def test_eval_gives_back_the_cells_metrics(runs):
     got, want = json.loads(r.stdout), read_metrics(cell / 'metrics.json')['metrics']
     for k in ('base', 'new', 'hm'): assert got[k] == pytest.approx(want[k], abs=1e-6)
     assert cli(str(out), '--dataset', 'fashion_mnist', cmd='eval').returncode == 2
+
+
+def test_the_same_grid_gives_the_same_outputs(tmp_path, runs):
+    "What makes a fresh clone stay clean after `make run`: the table and the executed record do not depend on when or where."
+    cache, outs = runs[1], []
+    for sub in ('a', 'b'):
+        r = cli('base2new', '--methods', 'zsclip', 'coop', '--seeds', '1', '--epochs', '2', '--out', str(tmp_path / sub), '--cache-dir', str(cache), '--quiet')
+        assert r.returncode == 0, r.stderr
+        outs.append(tmp_path / sub / 'base2new')
+    assert (outs[0] / 'table.csv').read_bytes() == (outs[1] / 'table.csv').read_bytes()
+    assert (outs[0] / 'table.md').read_bytes() == (outs[1] / 'table.md').read_bytes()
+    strip = lambda nb: [[{k: v for k, v in o.items() if k != 'execution_count'} for o in c.get('outputs', [])]
+                        for c in nb.cells if 'injected-parameters' not in c.metadata.get('tags', [])]
+    a, b = (nbformat.read(o / 'base2new.ipynb', 4) for o in outs)
+    assert strip(a) == strip(b)
+    for nb in (a, b): nb.metadata.papermill.pop('parameters')      # they differ here only by the test's --out and cache
+    assert a.metadata == b.metadata

@@ -35,3 +35,17 @@ def test_coop_adapts(clip, tmp_path):
     m = make_method('coop', clip, 'world_dishes', 16, template=ds.template).fit(tr, base.classnames, progress=False)   # 200 epochs
     zs = _acc(ZeroShotCLIP(clip, template=ds.template).logits(tb.x, base.classnames), tb.labels)
     assert _acc(m.logits(tb.x, base.classnames), tb.labels) > zs + 3
+
+
+def test_the_world_is_the_offline_default(tmp_path, monkeypatch):
+    from cocoamix.runner import expand_grid, run_grid, WORLD_DOWNSTREAM
+    monkeypatch.delenv('COCOAMIX_OFFLINE', raising=False)
+    cells = expand_grid('base2new', tmp_path, settings=['zsclip'])
+    assert [c.dataset for c in cells][::3] == WORLD_DOWNSTREAM and {c.params['pretrained'] for c in cells} == {'world'}
+    assert expand_grid('base2new', tmp_path, settings=['zsclip'], params={'model': 'cocoamix-tiny'})[0].dataset == 'fashion_mnist'
+    s = run_grid('base2new', tmp_path, datasets=['world_orbital'], settings=['zsclip'], seeds=[1], progress=False)
+    assert not s.failed and s.table['weights'].iloc[0].startswith('world model world-v1 (cb3ece7a8ab98223)')
+    md = (tmp_path / 'base2new' / 'table.md').read_text()
+    assert "World model: not the paper's numbers" in md and 'Pipeline check' not in md
+    rec = __import__('json').loads(next(tmp_path.rglob('metrics.json')).read_text())
+    assert rec['world'] == {'world_version': 'world-v1', 'weights_sha256_16': 'cb3ece7a8ab98223'}
