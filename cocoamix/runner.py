@@ -445,6 +445,8 @@ def stable_record(path: Path) -> None:
     for meta in [nb.metadata] + [c.metadata for c in nb.cells]:
         for k in VOLATILE: meta.get('papermill', {}).pop(k, None)
         meta.pop('execution', None)
+    for c in nb.cells:
+        if 'injected-parameters' in c.metadata.get('tags', []): c['id'] = 'injected-parameters'   # papermill draws a random id
     nbformat.write(nb, str(path))
 
 # %% ../nbs/15_runner.ipynb #47800a5a
