@@ -134,13 +134,20 @@ class FrozenCLIP(nn.Module):
 
 # %% ../nbs/00_backbone.ipynb #152d0c6d
 def encode_text_embeddings(self: FrozenCLIP, x: torch.Tensor, eot: torch.Tensor, truncate: bool = True,
-                           normalize: bool = True) -> torch.Tensor:
-    "Text features from token embeddings `x` [N, 77, W] with EOT positions `eot` [N]; cut after the last EOT if `truncate`."
+                           normalize: bool = True, deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Text features from token embeddings `x` [N, 77, W] with EOT positions `eot` [N]; cut after the last EOT if `truncate`.
+    `deep_prompts` [J-1, n, W] (MaPLe) replace positions 1..n at the input of layers 1..J-1."""
     m = self.model
     length = int(eot.max()) + 1 if truncate else x.shape[1]
     cast = m.transformer.get_cast_dtype()
     h = x[:, :length].to(cast) + m.positional_embedding[:length].to(cast)
-    h = m.transformer(h, attn_mask=m.attn_mask[:length, :length])
+    if deep_prompts is None: h = m.transformer(h, attn_mask=m.attn_mask[:length, :length])
+    else:  # open_clip's own blocks, one by one, with the prompt tokens swapped in before each deeper layer
+        if not getattr(m.transformer, 'batch_first', False): raise NotImplementedError(f'{self.name}: deep prompts need a batch-first text transformer')
+        n = deep_prompts.shape[1]
+        for i, blk in enumerate(m.transformer.resblocks):
+            if 1 <= i <= len(deep_prompts): h = torch.cat([h[:, :1], deep_prompts[i - 1].to(h.dtype).expand(h.shape[0], -1, -1), h[:, 1 + n:]], 1)
+            h = blk(h, attn_mask=m.attn_mask[:length, :length])
     h = m.ln_final(h)
     h = h[torch.arange(h.shape[0], device=h.device), eot.to(h.device)]
     h = m.text_projection(h) if isinstance(m.text_projection, nn.Linear) else h @ m.text_projection

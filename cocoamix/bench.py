@@ -15,16 +15,16 @@ from .backbone import TINY_MODEL, FrozenCLIP
 from .data import load_dataset, few_shot_splits, base_new_split, ImageDataset, train_transform, test_transform, BUILTIN
 from .features import Features
 from .method import train_loop, PromptMethod, Method
-from .registry import make_method, get_method_class
+from .registry import make_method, get_method_class, METHODS
 from .mixture import out_class_names
 from .prompts import PromptLearner
 from .protocols import get_clip, run_base2new, resolve_device
 
 # %% auto #0
-__all__ = ['BF16_PEAK_TFLOPS', 'PeakMemory', 'coop_autocast', 'full_length', 'coop_train_loop', 'coop_style', 'step_setup',
-           'ours_steps', 'reference_steps', 'loss_both_ways', 'text_positions', 'time_steps', 'datasheet_bf16_peak',
-           'matmul_tflops', 'text_pass_utilisation', 'coop_encode', 'reference_base2new', 'time_cell',
-           'runner_overhead', 'parse_args', 'main']
+__all__ = ['BF16_PEAK_TFLOPS', 'REFERENCE_METHODS', 'PeakMemory', 'coop_autocast', 'full_length', 'coop_train_loop', 'coop_style',
+           'step_setup', 'ours_steps', 'reference_steps', 'loss_both_ways', 'text_positions', 'time_steps',
+           'datasheet_bf16_peak', 'matmul_tflops', 'text_pass_utilisation', 'coop_encode', 'reference_base2new',
+           'time_cell', 'library_step_times', 'runner_overhead', 'parse_args', 'main']
 
 # %% ../nbs/18_bench.ipynb #92395025
 def _rss() -> int:
@@ -279,6 +279,36 @@ def time_cell(model: str = TINY_MODEL, pretrained=None, device: str = 'auto', da
     out['accuracy'] = {k: {'ours': {'base': ours[k]['base'], 'new': ours[k]['new']}, 'reference': ref[k]} for k in ours}
     return out
 
+# %% ../nbs/18_bench.ipynb #b5a1e0c2
+REFERENCE_METHODS = ('coop', 'kgcoop', 'cocoamix')   # the methods the bench also runs the CoOp code's way
+
+def library_step_times(clip: FrozenCLIP, classnames: list[str], methods=('coop', 'maple'), batch_size: int = 4, steps: int = 10,
+                       seed: int = 0) -> dict:
+    "Milliseconds per training step of each method's own `fit`, measured side by side; ratios to the first method."
+    import numpy as np
+    from cocoamix.data import Split
+    from cocoamix.method import TrainImages
+    rng = np.random.default_rng(seed)
+    S, n = clip.image_size, batch_size * steps
+    labels = rng.integers(len(classnames), size=n)
+    split = Split(list(rng.integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)), labels, classnames, 'bench-steps')
+    feats = Features(clip.encode_images(torch.stack([test_transform(S, clip.mean, clip.std)(split.image(i)) for i in range(n)])).unsqueeze(0),
+                     torch.as_tensor(labels), list(classnames))
+    out = {}
+    for name in methods:
+        def run(k: int) -> float:
+            m = make_method(name, clip, epochs=1, batch_size=batch_size, warmup_epochs=0)
+            data = TrainImages(split.subset(range(k * batch_size)), train_transform(S, clip.mean, clip.std), feats) if m.needs_images else \
+                Features(feats.x[:, :k * batch_size], feats.labels[:k * batch_size], feats.classnames)
+            _sync(clip.device); t0 = time.perf_counter()
+            m.fit(data, progress=False)
+            _sync(clip.device); return time.perf_counter() - t0
+        run(1)                                    # warm-up: allocations, kernels, caches
+        out[name] = {'step_ms': 1000 * run(steps) / steps}
+    first = out[methods[0]]['step_ms']
+    for v in out.values(): v['ratio_to_first'] = v['step_ms'] / first
+    return out
+
 # %% ../nbs/18_bench.ipynb #f53c58a0
 def runner_overhead(seeds: int = 12, method: str = 'zsclip') -> dict:
     "Seconds a grid cell costs beyond its work through `cocoamix run`: (t(`seeds`-seed grid) - t(1-seed grid)) / (seeds - 1)."
@@ -313,7 +343,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--steps', type=int, default=10, help='timed steps per path (after one warm-up step)')
     p.add_argument('--n-ctx', type=int, default=16)
-    p.add_argument('--method', default='cocoamix', choices=['coop', 'kgcoop', 'cocoamix'], help='whose loss and optimiser')
+    p.add_argument('--method', default='cocoamix', choices=sorted(set(METHODS) - {'zsclip'}),
+                   help=f'whose loss and optimiser; a method outside {REFERENCE_METHODS} is timed through the library beside CoOp')
     p.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:1' or 'auto'")
     p.add_argument('--grad-checkpointing', action='store_true', help='recompute text-block activations in backward (ours)')
     p.add_argument('--no-cell', action='store_true', help='skip the end-to-end base-to-new cell')
@@ -344,6 +375,15 @@ def main(argv=None) -> dict:
     lines = []
     def say(s=''): print(s, flush=True); lines.append(s)
     names = out_class_names(a.classes, 'words', seed=0)
+    if a.method not in REFERENCE_METHODS:
+        say(f"cocoamix bench — {_hardware(device)} — model {clip.identity}, {a.classes} classes, batch {a.batch_size}, {a.steps} steps")
+        r = library_step_times(clip, names, ('coop', a.method), a.batch_size, a.steps)
+        for k, v in r.items(): say(f"{k:9s}: {v['step_ms']:9.1f} ms/step  ({v['ratio_to_first']:.2f}x CoOp's step)")
+        out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+        stem = f"steps_{device.type}_{a.model}_{a.method}_{a.classes}c_b{a.batch_size}{'_' + a.tag if a.tag else ''}"
+        (out/f'{stem}.txt').write_text('\n'.join(lines) + '\n')
+        (out/f'{stem}.json').write_text(json.dumps({'hardware': _hardware(device), 'model': clip.identity, 'config': vars(a), 'steps': r}, indent=1, default=str))
+        return {'steps': r, 'paths': [str(out/f'{stem}.txt'), str(out/f'{stem}.json')]}
     res = {'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'), 'hardware': _hardware(device),
            'device': str(device), 'command': 'cocoamix bench ' + ' '.join(sys.argv[1:] if argv is None else argv),
            'versions': {'python': platform.python_version(), 'torch': torch.__version__,

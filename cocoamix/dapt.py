@@ -85,7 +85,6 @@ class DAPT(PromptMethod):
     name = 'dapt'
     Config = DAPTConfig
     needs_images = True
-    eval_batch_size = 256
 
     @classmethod
     def setting_defaults(cls, dataset=None, shots=None, protocol=None):
@@ -103,9 +102,7 @@ class DAPT(PromptMethod):
         return encode_image_prompted(self.clip, images, self.extra['visual_prompts'].tokens)
 
     def fit(self, train: TrainImages, classnames=None, progress=True):
-        if not isinstance(train, TrainImages):
-            raise TypeError('DAPT runs the image encoder in the loop (its visual prompts change the image features): '
-                            'fit it on TrainImages(split, transform, features), as the protocols do, not on cached features')
+        self.require_images(train)
         classnames, c = self.start_prompt(train, classnames), self.config
         extra, prompt, base = self.ensure_modules(), self.prompts[-1], self.base_loss()
         if train.features is not None: frozen = train.features.x
@@ -122,12 +119,3 @@ class DAPT(PromptMethod):
         self.history['prompt'] = self.optimise(loss_fn, [group], train, progress, 'dapt')
         return self
 
-    @torch.no_grad()
-    def eval_features(self, test: Features, split: Split | None = None) -> torch.Tensor:
-        "Prompted features of the split's images under the test transform, computed now (nothing is cached)."
-        if split is None: raise ValueError('DAPT scores its own (prompted) image features: pass the test split, e.g. evaluate(..., split=split)')
-        loader = torch.utils.data.DataLoader(ImageDataset(split, test_transform(self.clip.image_size, self.clip.mean, self.clip.std)),
-                                             batch_size=self.eval_batch_size)
-        with autocast(self.clip.device):
-            out = [self.encode(images).float().cpu() for images, _ in loader]
-        return torch.cat(out) if out else torch.empty(0, self.clip.embed_dim)

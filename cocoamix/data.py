@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'EUROSAT_RENAMES', 'CALTECH_RENAMES', 'FASHION_MNIST_CLASSES', 'BUILTIN', 'DIGITS_CLASSES',
-           'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS', 'IMAGE_EXTS', 'SOURCES', 'Split',
-           'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform', 'test_transform', 'normalise_classname',
-           'DatasetInfo', 'package_data_dir', 'data_root', 'read_coop_split', 'load_dataset', 'few_shot',
-           'few_shot_splits', 'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_sessions', 'check_data']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'TRAIN_AUGMENTATIONS', 'EUROSAT_RENAMES', 'CALTECH_RENAMES', 'FASHION_MNIST_CLASSES',
+           'BUILTIN', 'DIGITS_CLASSES', 'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS', 'IMAGE_EXTS',
+           'SOURCES', 'Split', 'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform', 'test_transform',
+           'in_frame_transform', 'split_train_transform', 'normalise_classname', 'DatasetInfo', 'package_data_dir',
+           'data_root', 'read_coop_split', 'load_dataset', 'few_shot', 'few_shot_splits', 'base_new_split',
+           'FSCILSession', 'FSCILSplits', 'fscil_sessions', 'check_data']
 
 # %% ../nbs/01_data.ipynb #7035427f
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -30,6 +31,7 @@ class Split:
     labels: np.ndarray      # int64, 0..n_classes-1
     classnames: list        # index = label
     name: str = ''          # e.g. 'fashion_mnist/train'; part of the cache key
+    augment: str = 'coop'   # the training augmentation it asks for (TRAIN_AUGMENTATIONS): CoOp's crops, or 'in_frame'
 
     def __post_init__(self):
         self.items = list(self.items)
@@ -54,7 +56,7 @@ class Split:
         "The samples at positions `idx` (class names kept)."
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         return Split([self.items[i] for i in idx], self.labels[idx], self.classnames,
-                     self.name if name is None else name)
+                     self.name if name is None else name, self.augment)
 
     def counts(self) -> np.ndarray:
         "Number of samples per class."
@@ -127,6 +129,20 @@ def test_transform(image_size=224, mean=CLIP_MEAN, std=CLIP_STD):
     from torchvision import transforms as T
     return T.Compose([T.Lambda(to_rgb), T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+def in_frame_transform(image_size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    "Crops that keep the object in frame (scale 0.7-1, near-square, bicubic, no flip): the generated world's augmentation."
+    from torchvision import transforms as T
+    return T.Compose([T.Lambda(to_rgb), T.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1),
+                      interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)])
+
+TRAIN_AUGMENTATIONS = {'coop': train_transform, 'in_frame': in_frame_transform}
+
+def split_train_transform(split: Split, image_size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    "The training augmentation `split` asks for: CoOp's crops for real data, in-frame crops where 8% crops would cut the object out."
+    if split.augment not in TRAIN_AUGMENTATIONS:
+        raise ValueError(f'{split.name}: unknown training augmentation {split.augment!r}; known: {", ".join(TRAIN_AUGMENTATIONS)}')
+    return TRAIN_AUGMENTATIONS[split.augment](image_size, mean, std)
 
 # %% ../nbs/01_data.ipynb #d9332ab6
 _CAMEL = re.compile(r'[A-Z][^A-Z]*|^[^A-Z]+')
@@ -610,7 +626,7 @@ def _keep_classes(split: Split, classes: list, suffix: str) -> Split:
     remap = np.full(len(split.classnames), -1, dtype=np.int64); remap[classes] = np.arange(len(classes))
     idx = np.flatnonzero(remap[split.labels] >= 0) if len(split) else np.zeros(0, np.int64)
     sub = split.subset(idx, f'{split.name}/{suffix}')
-    return Split(sub.items, remap[sub.labels], [split.classnames[c] for c in classes], sub.name)
+    return Split(sub.items, remap[sub.labels], [split.classnames[c] for c in classes], sub.name, split.augment)
 
 def base_new_split(ds: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]:
     "CoCoOp's base/new split: first ceil(n/2) sorted labels are base, the rest new, each relabelled from 0."
@@ -705,10 +721,10 @@ def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, wa
     for k, (cls, idx) in enumerate(zip(sess_classes, sess_idx)):
         seen += len(cls)
         t = tr.subset(idx)
-        train = Split(t.items, remap[t.labels], names[:seen], f'{tr.name}/fscil_s{k}')
+        train = Split(t.items, remap[t.labels], names[:seen], f'{tr.name}/fscil_s{k}', tr.augment)
         test_idx = np.flatnonzero(np.isin(te.labels, order[:seen]))
         t = te.subset(test_idx)
-        test = Split(t.items, remap[t.labels], names[:seen], f'{te.name}/fscil_s{k}')
+        test = Split(t.items, remap[t.labels], names[:seen], f'{te.name}/fscil_s{k}', te.augment)
         sessions.append(FSCILSession(k, list(range(seen - len(cls), seen)), train, test))
     return FSCILSplits(ds.name, sessions, names, order, ds.template, source)
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backbone import FrozenCLIP
-from .data import Split, ImageDataset, train_transform, test_transform
+from .data import Split, ImageDataset, split_train_transform, test_transform
 
 # %% auto #0
 __all__ = ['ENCODE_CALLS', 'MEMORY', 'MEMORY_ITEMS', 'default_cache_dir', 'image_features', 'Features', 'split_features']
@@ -81,7 +81,7 @@ def image_features(clip: FrozenCLIP, split: Split, augment: bool = False, view: 
                    batch_size: int = 256, num_workers: int | None = None, progress: bool = True) -> torch.Tensor:
     "Normalised image features [N, D] of `split` under the test transform, or view `view` of the training augmentation."
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    transform = 'train' if augment else 'test'
+    transform = ('train' if split.augment == 'coop' else f'train-{split.augment}') if augment else 'test'  # the key names the augmentation
     path, meta = _feature_path(root, clip, split, transform, view if augment else 0)
     if (key := _memory_key(path)) in MEMORY: return MEMORY[key]   # a warm process: this split was read or encoded already
     feats = _read(path, meta)
@@ -90,7 +90,7 @@ def image_features(clip: FrozenCLIP, split: Split, augment: bool = False, view: 
     with FileLock(str(path) + '.lock'):
         feats = _read(path, meta)  # another process may have finished it while we waited
         if feats is not None: return feats
-        tf = (train_transform if augment else test_transform)(clip.image_size, clip.mean, clip.std)
+        tf = split_train_transform(split, clip.image_size, clip.mean, clip.std) if augment else test_transform(clip.image_size, clip.mean, clip.std)
         torch.manual_seed(1000 + view)  # the main-process RNG drives the random transforms when num_workers == 0
         batches = _loader(split, tf, batch_size, num_workers, clip.device, seed=1000 + view)
         desc = f'encoding {split.name or "split"} ({transform}{f" view {view}" if augment else ""})'

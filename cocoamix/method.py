@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .backbone import FrozenCLIP
 from .prompts import PromptLearner, handcrafted_prompts, clean_classname
 from .features import Features
-from .data import Split, ImageDataset
+from .data import Split, ImageDataset, test_transform
 from .losses import prompt_loss
 from .mixture import MixtureWeights
 
@@ -161,7 +161,8 @@ class Method:
     "Base of every method: fit on training data, score any class list, save its state."
     name = 'method'
     Config = MethodConfig
-    needs_images: bool = False   # True: fit gets TrainImages and eval_features encodes the split (no feature cache)
+    needs_images: bool = False   # True: fit gets TrainImages and eval_features encodes the split with `encode` (no feature cache)
+    eval_batch_size: int = 256   # images per batch when such a method encodes a test split
 
     def __init__(self, clip: FrozenCLIP, config: MethodConfig | None = None, **overrides):
         if config is not None and not isinstance(config, self.Config):
@@ -191,9 +192,27 @@ class Method:
         if not len(self.extra): self.extra = nn.ModuleDict(self.make_modules()).to(self.clip.device)
         return self.extra
 
+    @torch.no_grad()
     def eval_features(self, test: Features, split: Split | None = None) -> torch.Tensor:
-        "The image features the method scores: the cached frozen ones (a method that changes the image encoder overrides)."
-        return test.x
+        "The image features the method scores: the cached frozen ones, or (`needs_images`) its own `encode` of the split, now."
+        if not self.needs_images: return test.x
+        if split is None: raise ValueError(f'{self.name} scores its own (prompted) image features: pass the test split, e.g. evaluate(..., split=split)')
+        loader = torch.utils.data.DataLoader(ImageDataset(split, test_transform(self.clip.image_size, self.clip.mean, self.clip.std)),
+                                             batch_size=self.eval_batch_size)
+        with autocast(self.clip.device):
+            out = [self.encode(images).float().cpu() for images, _ in loader]
+        return torch.cat(out) if out else torch.empty(0, self.clip.embed_dim)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        "Normalised image features [B, D] under the method's image-side prompts (methods with `needs_images`)."
+        raise NotImplementedError(f'{self.name} uses the frozen image features')
+
+    def require_images(self, train) -> TrainImages:
+        "`train` itself, if it holds the raw images an in-loop image encoder needs; else a clear error."
+        if not isinstance(train, TrainImages):
+            raise TypeError(f'{self.name} runs the image encoder in the loop (its prompts change the image features): '
+                            'fit it on TrainImages(split, transform, features), as the protocols do, not on cached features')
+        return train
 
     def optimise(self, loss_fn, groups: list[ParamGroup], data, progress: bool = True, desc: str | None = None, **hooks) -> list[float]:
         "The shared `train_loop` with this method's epochs, batch size and seed."

@@ -48,9 +48,10 @@ def _packed_block(blk: ResidualAttentionBlock, h: torch.Tensor, P: int, C: int, 
     return h + blk.ls_2(blk.mlp(blk.ln_2(h)))
 
 def encode_text_shared_prefix(clip: FrozenCLIP, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor,
-                              normalize: bool = True, checkpoint: bool = False) -> torch.Tensor:
+                              normalize: bool = True, checkpoint: bool = False, deep_prompts: torch.Tensor | None = None) -> torch.Tensor:
     """Text features of the C sequences `[prefix, suffix_i]`: `prefix` [P, W] (or [1, P, W]) shared by all,
-    `suffix` [C, S, W] the rest of each sequence, `eot` [C] the EOT positions in the whole sequence (all >= P)."""
+    `suffix` [C, S, W] the rest of each sequence, `eot` [C] the EOT positions in the whole sequence (all >= P).
+    `deep_prompts` [J-1, n, W] (MaPLe): replace prefix positions 1..n at the input of layers 1..J-1."""
     m = clip.model
     cast = m.transformer.get_cast_dtype()
     prefix = prefix.reshape(-1, prefix.shape[-1])
@@ -62,7 +63,11 @@ def encode_text_shared_prefix(clip: FrozenCLIP, prefix: torch.Tensor, suffix: to
     pos = m.positional_embedding.to(cast)
     h = torch.cat([prefix.to(cast) + pos[:P], (suffix[:, :S].to(cast) + pos[P:L]).reshape(C * S, W)])
     mask = torch.ones(S, P + S, dtype=torch.bool, device=h.device).tril(P)  # all of the prefix, causal in the suffix
-    for blk in m.transformer.resblocks:
+    n_deep = 0 if deep_prompts is None else deep_prompts.shape[0]
+    if n_deep and deep_prompts.shape[1] > P - 1: raise ValueError(f'{deep_prompts.shape[1]} deep prompt tokens do not fit a prefix of {P}')
+    for i, blk in enumerate(m.transformer.resblocks):
+        if 1 <= i <= n_deep:  # the prefix rows come first in the packed tokens: the prompt is shared, so is its replacement
+            h = torch.cat([h[:1], deep_prompts[i - 1].to(h.dtype), h[1 + deep_prompts.shape[1]:]])
         if checkpoint and torch.is_grad_enabled(): h = _checkpoint(_packed_block, blk, h, P, C, S, mask, use_reentrant=False)
         else: h = _packed_block(blk, h, P, C, S, mask)
     h = m.ln_final(h[P:].view(C, S, W)[torch.arange(C, device=h.device), eot - P])
@@ -139,12 +144,12 @@ class PromptLearner(nn.Module):
         "Whether `text_features` runs the shared-prefix pass: unified context, class at the end, a standard text tower."
         return self.shared_prefix and self.truncate and not self.csc and self.position == 'end' and supports_shared_prefix(self.clip)
 
-    def text_features(self, classnames: list[str], truncate: bool | None = None) -> torch.Tensor:
-        "Normalised text features [C, D] of the learned prompt for every class, in one batched pass (see above)."
+    def text_features(self, classnames: list[str], truncate: bool | None = None, normalize: bool = True) -> torch.Tensor:
+        "Text features [C, D] (normalised unless `normalize=False`) of the learned prompt for every class, in one batched pass."
         truncate = self.truncate if truncate is None else truncate
         if truncate and self.uses_shared_prefix:
             emb, eot, _ = self._frozen_tokens(tuple(clean_classname(c) for c in classnames))
             prefix = torch.cat([emb[0, :1], self.ctx.to(emb.dtype)])  # [SOS] v_1..v_M, the same for every class
-            return encode_text_shared_prefix(self.clip, prefix, emb[:, 1 + self.n_ctx:], eot, checkpoint=self.grad_checkpointing)
+            return encode_text_shared_prefix(self.clip, prefix, emb[:, 1 + self.n_ctx:], eot, normalize, self.grad_checkpointing)
         emb, eot = self(classnames)
-        return self.clip.encode_text_embeddings(emb, eot, truncate=truncate)
+        return self.clip.encode_text_embeddings(emb, eot, truncate=truncate, normalize=normalize)

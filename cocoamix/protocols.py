@@ -12,7 +12,7 @@ import torch
 
 from .backbone import load_clip, FrozenCLIP, TINY_MODEL, TINY_CONFIG, register_tiny_model
 from .world import WORLD_MODEL, WORLD_WEIGHTS_SHA, load_world_clip, world_weights  # also registers the world's datasets
-from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, train_transform
+from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, split_train_transform
 from .features import split_features, Features
 from dataclasses import asdict
 from .method import Method, TrainImages
@@ -70,7 +70,7 @@ def resolved(method: Method) -> dict:
 def train_data(method: Method, clip: FrozenCLIP, split: Split, feats, n_views: int):
     "What `method.fit` trains on: cached augmented views, or the raw images (plus cached features) if it needs images."
     if not method.needs_images: return feats(split, n_views)
-    return TrainImages(split, train_transform(clip.image_size, clip.mean, clip.std), features=feats(split, max(n_views, 1)))
+    return TrainImages(split, split_train_transform(split, clip.image_size, clip.mean, clip.std), features=feats(split, max(n_views, 1)))
 
 # %% ../nbs/14_protocols.ipynb #8b3cf4a7
 def run_base2new(dataset: str = BUILTIN, method: str = 'cocoamix', seed: int = 1, shots: int = 4, model: str = TINY_MODEL,
@@ -137,7 +137,7 @@ def run_fscil(dataset: str = 'cifar100', method: str = 'cocoamix', seed: int = 1
     for s in sessions:
         offset = s.classes[0]
         names = [sessions.classnames[c] for c in s.classes]
-        train = Split(s.train.items, s.train.labels - offset, names, f'{s.train.name}')
+        train = Split(s.train.items, s.train.labels - offset, names, f'{s.train.name}', s.train.augment)
         if method != 'zsclip':
             if method != 'cocoamix' and m.prompts:  # one prompt, fine-tuned session after session from where it was
                 m.warm_start, m.prompts, m.domains = m.prompts[-1].ctx.detach().clone(), [], []

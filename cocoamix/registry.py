@@ -19,12 +19,14 @@ from .cocoamix import CoCoAMix
 from .dapt import DAPT
 from .contcoop import ContCoOp
 from .capt import CAPT
+from .maple import MaPLe
+from .dept import DePT
 
 # %% auto #0
 __all__ = ['METHODS', 'get_method_class', 'resolve_config', 'make_method', 'describe_method', 'print_methods', 'load_method']
 
 # %% ../nbs/13_registry.ipynb #89648c50
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShotCLIP, CoOp, CoCoOp, KgCoOp, ProGrad, DAPT, ContCoOp, CAPT, CoCoAMix)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShotCLIP, CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe, DePT, DAPT, ContCoOp, CAPT, CoCoAMix)}
 
 def get_method_class(name: str) -> type[Method]:
     if name not in METHODS: raise ValueError(f'unknown method {name!r}; known: {", ".join(METHODS)}')

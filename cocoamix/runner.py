@@ -18,7 +18,7 @@ import cocoamix
 from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
-__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
+__all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
            'MINIMUM', 'KNOB_TYPES', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid', 'grid_of',
            'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid', 'write_text',
            'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
@@ -26,9 +26,9 @@ __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'CORE_METHODS', 'OFFLINE_BUDGET', 'WOR
            'write_outputs', 'run_grid', 'summary_record', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
-METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'dapt', 'contcoop', 'capt', 'cocoamix')}
+METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
 COCOAMIX = {'method': 'cocoamix'}
-CORE_METHODS = ['zsclip', 'coop', 'kgcoop', 'cocoamix']  # the rows of the paper's base-to-new table
+PAPER_ROWS = ['zsclip', 'coop', 'prograd', 'kgcoop', 'maple', 'dept', 'cocoamix']  # the rows of the paper's base-to-new and cross-dataset tables
 
 @dataclass
 class Experiment:
@@ -58,18 +58,19 @@ _B2N_WORLD = {'datasets': WORLD_DOWNSTREAM, 'seeds': [1, 2, 3], 'params': {**_ON
 _ABL_WORLD = {**_B2N_WORLD, 'datasets': ['world_flora', 'world_orbital', 'world_dishes'], 'seeds': [1, 2]}  # ours: 3 sets, 2 seeds, for time
 EXPERIMENTS = {e.name: e for e in [
     Experiment('base2new', 'Base-to-new generalisation over 11 datasets (paper: base-to-new table; peers: CoCoOp protocol)',
-               'base2new', METHOD_SETTINGS, _B2N_OFF, _B2N_PAPER, default_settings=CORE_METHODS, world=_B2N_WORLD),
+               'base2new', METHOD_SETTINGS, _B2N_OFF, _B2N_PAPER, default_settings=PAPER_ROWS, world=_B2N_WORLD),
     Experiment('cross_dataset', 'Cross-dataset transfer: ImageNet-trained prompts on 10 datasets (paper: cross-dataset table)',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': ['digits'], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}},
-               cell_defaults={'targets': ['digits']},
+               cell_defaults={'targets': ['digits']}, default_settings=PAPER_ROWS,
                world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_DOWNSTREAM, 'shots': 4,
                                                                                  'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
     Experiment('domain_generalization', 'Domain generalisation: ImageNet-trained prompts on ImageNet-V2/-Sketch/-A/-R',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': [BUILTIN], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': IMAGENET_VARIANTS, 'shots': 4, 'n_views': 8}},
+               default_settings=PAPER_ROWS,
                world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_VARIANTS, 'shots': 4,
                                                                                  'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
     Experiment('cross_version', 'Cross-version compatibility: prompts trained on one CLIP, used without retraining on an upgraded CLIP '

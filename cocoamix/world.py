@@ -482,7 +482,7 @@ def world_dataset(key: str, seed: int = 0) -> DatasetSplits:
         items = []
         for i in range(0, len(cats), 512):
             items += list(render(sample_scene(world, cats[i:i + 512], modes[i:i + 512], [style] * len(cats[i:i + 512]), rng)).numpy())
-        splits[part] = Split(items, labels, names, f'{key}/{part}')
+        splits[part] = Split(items, labels, names, f'{key}/{part}', 'in_frame')  # 8% crops would cut a 32 px object out
     return DatasetSplits(key, splits['train'], splits['val'], splits['test'], names, spec.template,
                          f'world: {WORLD_VERSION} seed {seed}, style {style!r}')
 
@@ -650,10 +650,9 @@ def world_identity() -> dict:
 
 # %% ../nbs/20_world.ipynb #w039
 def world_train_transform(image_size: int = 32, mean=CLIP_MEAN, std=CLIP_STD):
-    from torchvision import transforms as T
-    from cocoamix.data import to_rgb
-    return T.Compose([T.Lambda(to_rgb), T.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1),
-                      interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(), T.Normalize(mean, std)])
+    "The world's augmentation: the data layer's in-frame crops (70-100%, no flip), which every world split asks for."
+    from cocoamix.data import in_frame_transform
+    return in_frame_transform(image_size, mean, std)
 
 def world_train_features(clip, split: Split, n_views: int = 8, seed: int = 0):
     "Training features [V, N, D] of `split` under `world_train_transform` (view v seeded by `seed`, v)."
