@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .features import Features
 from .method import PromptMethod, PromptConfig, param
-from .coop import CoOp
+from .coop import CoOp, coop_epochs_as_ours
 
 # %% auto #0
 __all__ = ['CAPTConfig', 'ConfusionBank', 'hard_negative_loss', 'CAPT']
@@ -94,8 +94,7 @@ class CAPT(PromptMethod):
     Config = CAPTConfig
 
     @classmethod
-    def setting_defaults(cls, dataset=None, shots=None, protocol=None):  # ours: CoOp's epochs per shots
-        return {k: (v, 'ours', f"CoOp's rule: {why}") for k, (v, _, why) in CoOp.setting_defaults(dataset, shots).items()}
+    def setting_defaults(cls, dataset=None, shots=None, protocol=None): return coop_epochs_as_ours(dataset, shots)
 
     @torch.no_grad()
     def _round_preds(self, train: Features, text: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .features import Features
 from .method import PromptMethod, PromptConfig, param
 from .prompts import clean_classname
-from .coop import CoOp, kl_to_zero_shot
+from .coop import CoOp, kl_to_zero_shot, coop_epochs_as_ours
 
 # %% auto #0
 __all__ = ['ContCoOpConfig', 'ClassConditioner', 'ContCoOp']
@@ -43,8 +43,7 @@ class ContCoOp(PromptMethod):
     Config = ContCoOpConfig
 
     @classmethod
-    def setting_defaults(cls, dataset=None, shots=None, protocol=None):  # ours: CoOp's epochs per shots
-        return {k: (v, 'ours', f"CoOp's rule: {why}") for k, (v, _, why) in CoOp.setting_defaults(dataset, shots).items()}
+    def setting_defaults(cls, dataset=None, shots=None, protocol=None): return coop_epochs_as_ours(dataset, shots)
 
     def make_modules(self):
         return {'conditioner': ClassConditioner(self.clip.text_width, self.config.attn_heads)}

@@ -27,6 +27,7 @@ __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
+METHOD_SETTINGS['dept (maple)'] = {'method': 'dept', 'base': 'maple'}  # MaPLe+DePT; plain 'dept' wraps CoOp (our default)
 COCOAMIX = {'method': 'cocoamix'}
 PAPER_ROWS = ['zsclip', 'coop', 'prograd', 'kgcoop', 'maple', 'dept', 'cocoamix']  # the rows of the paper's base-to-new and cross-dataset tables
 
@@ -52,8 +53,8 @@ _ABL_PAPER = {**_B2N_PAPER, 'datasets': COOP_DATASETS}
 WORLD_DOWNSTREAM = ['world_glyphs', 'world_fauna', 'world_flora', 'world_textiles', 'world_orbital', 'world_vehicles', 'world_dishes']
 WORLD_VARIANTS = ['world_imagenet_v2', 'world_imagenet_sketch', 'world_imagenet_a', 'world_imagenet_r']
 _ON_WORLD = {'model': 'cocoamix-world', 'pretrained': 'world'}
-# the world grid is the paper grid on the world: 4 shots, 8 views, each method's own epochs; the heavier protocols
-# (100-class source, FSCIL) run the named offline budget so that they take minutes on 2 CPU cores
+# the world grid is the paper grid on the world: 4 shots, 8 views, each method's own epochs (a budget that leaves a
+# method one epoch trains it at its warm-up lr only, so no world grid uses one)
 _B2N_WORLD = {'datasets': WORLD_DOWNSTREAM, 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'shots': 4, 'n_views': 8}}
 _ABL_WORLD = {**_B2N_WORLD, 'datasets': ['world_flora', 'world_orbital', 'world_dishes'], 'seeds': [1, 2]}  # ours: 3 sets, 2 seeds, for time
 EXPERIMENTS = {e.name: e for e in [
@@ -65,14 +66,14 @@ EXPERIMENTS = {e.name: e for e in [
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}},
                cell_defaults={'targets': ['digits']}, default_settings=PAPER_ROWS,
                world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_DOWNSTREAM, 'shots': 4,
-                                                                                 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
+                                                                                 'n_views': 8}}),
     Experiment('domain_generalization', 'Domain generalisation: ImageNet-trained prompts on ImageNet-V2/-Sketch/-A/-R',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': [BUILTIN], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': IMAGENET_VARIANTS, 'shots': 4, 'n_views': 8}},
                default_settings=PAPER_ROWS,
                world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_VARIANTS, 'shots': 4,
-                                                                                 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
+                                                                                 'n_views': 8}}),
     Experiment('cross_version', 'Cross-version compatibility: prompts trained on one CLIP, used without retraining on an upgraded CLIP '
                'with the same text width (ContCoOp\'s protocol; OpenAI ViT-B/16 -> LAION-2B ViT-B/16)', 'cross_version', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2, 'target_model': 'cocoamix-tiny-v2'}},
@@ -84,7 +85,7 @@ EXPERIMENTS = {e.name: e for e in [
                {'datasets': ['cifar100'], 'seeds': [1, 2, 3], 'params': {'base_classes': 60, 'ways': 5, 'n_sessions': 8, 'base_shots': 0, 'n_views': 8}},
                figure='sessions',
                world={'datasets': ['world_fscil'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'base_classes': 60, 'ways': 5, 'n_sessions': 8,
-                                                                              'base_shots': 0, 'n_views': 8, 'epoch_scale': OFFLINE_BUDGET}}),
+                                                                              'base_shots': 0, 'n_views': 8}}),
     Experiment('ablation_outclass', 'Out-class set: random words vs random strings (paper appendix F.3)', 'base2new',
                {'random words': {**COCOAMIX, 'out_classes': 'words'}, 'random strings': {**COCOAMIX, 'out_classes': 'strings'}},
                _B2N_OFF, _ABL_PAPER, world=_ABL_WORLD),
@@ -353,8 +354,15 @@ def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
         avg = []
         for setting, t in table.groupby('setting', sort=False):
             b, n = t['base_mean'].mean(), t['new_mean'].mean()
-            avg.append({'dataset': 'average', 'setting': setting, 'base_mean': b, 'new_mean': n, 'hm_mean': _harmonic(b, n),
-                        'seeds': int(t['seeds'].min())})
+            row = {'dataset': 'average', 'setting': setting, 'base_mean': b, 'new_mean': n, 'hm_mean': _harmonic(b, n),
+                   'seeds': int(t['seeds'].min())}
+            # the seed spread of the average itself: each seed's dataset average, over the seeds run on every dataset
+            per_seed = df[df['setting'] == setting].groupby('seed').agg(base=('base', 'mean'), new=('new', 'mean'), sets=('dataset', 'nunique'))
+            per_seed = per_seed[per_seed['sets'] == t['dataset'].nunique()]
+            if len(per_seed) > 1:
+                row.update(base_std=per_seed['base'].std(ddof=1), new_std=per_seed['new'].std(ddof=1),
+                           hm_std=pd.Series([_harmonic(x, y) for x, y in zip(per_seed['base'], per_seed['new'])]).std(ddof=1))
+            avg.append(row)
         table = pd.concat([table, pd.DataFrame(avg)], ignore_index=True)
     return table
 
@@ -377,7 +385,8 @@ def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, p
     for _, r in table.iterrows():
         lines.append(f"| {r['dataset']} | {r['setting']} | " + ' | '.join(fmt(r, c) for c in cols) + f" | {int(r['seeds'])} |")
     shown = {k: v for k, v in params.items() if k not in ('config', 'out_dir', 'dataset', 'method', 'seed', 'setting')}
-    lines += ['', 'Values: mean ± std over seeds (accuracy in %). Settings: `' + json.dumps(shown, default=str) + '`']
+    spread = ' (the average row: the std over seeds of each seed\'s dataset average)' if (table['dataset'] == 'average').any() else ''
+    lines += ['', f'Values: mean ± std over seeds{spread} (accuracy in %). Settings: `' + json.dumps(shown, default=str) + '`']
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/15_runner.ipynb #b52f3575

@@ -190,7 +190,7 @@ def test_every_method_is_a_row_of_the_table(experiment, setup, tmp_path):
     "The runner's grid with all methods, each cell run in this process (papermill is exercised in test_runner and below)."
     cache = setup[4]
     cells = expand_grid(experiment, tmp_path, settings=['all'], seeds=[1], params={'epochs': 1, 'n_views': 1, 'cache_dir': str(cache)})
-    assert [c.setting for c in cells] == list(METHOD_SETTINGS) and len(cells) == 11 and {'maple', 'dept'} <= set(METHOD_SETTINGS)
+    assert [c.setting for c in cells] == list(METHOD_SETTINGS) and len(cells) == 12 and {'maple', 'dept', 'dept (maple)'} <= set(METHOD_SETTINGS)
     for c in cells: run_cell(experiment, c.params, c.out_dir, progress=False)
     exp = EXPERIMENTS[experiment]
     table = summarise(exp, collect(cells))

@@ -222,3 +222,14 @@ def test_the_same_grid_gives_the_same_outputs(tmp_path, runs):
     assert strip(a) == strip(b)
     for nb in (a, b): nb.metadata.papermill.pop('parameters')      # they differ here only by the test's --out and cache
     assert a.metadata == b.metadata
+
+
+def test_average_row_spread_is_the_std_over_seeds_of_the_dataset_average():
+    from cocoamix.runner import summarise, get_experiment
+    df = pd.DataFrame([{'dataset': d, 'setting': 'coop', 'seed': s, 'base': b, 'new': n, 'hm': 2 * b * n / (b + n)}
+                       for d, s, b, n in [('a', 1, 80, 60), ('b', 1, 70, 50), ('a', 2, 84, 66), ('b', 2, 72, 50), ('b', 3, 90, 90)]])
+    avg = summarise(get_experiment('base2new'), df).set_index('dataset').loc['average']
+    # seed 3 ran on one dataset only, so the spread uses seeds 1 and 2: base averages 75 and 78, new 55 and 58
+    assert avg['base_std'] == pytest.approx(pd.Series([75.0, 78.0]).std()) and avg['new_std'] == pytest.approx(pd.Series([55.0, 58.0]).std())
+    hm = lambda b, n: 2 * b * n / (b + n)
+    assert avg['hm_std'] == pytest.approx(pd.Series([hm(75, 55), hm(78, 58)]).std())
