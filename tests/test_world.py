@@ -49,3 +49,14 @@ def test_the_world_is_the_offline_default(tmp_path, monkeypatch):
     assert "World model: not the paper's numbers" in md and 'Pipeline check' not in md
     rec = __import__('json').loads(next(tmp_path.rglob('metrics.json')).read_text())
     assert rec['world'] == {'world_version': 'world-v1', 'weights_sha256_16': 'cb3ece7a8ab98223'}
+
+
+def test_pretraining_is_deterministic_for_a_seed():
+    "Two pretraining runs in separate processes (one thread each, as `make world`) end on the same weights, bit for bit."
+    import subprocess, sys
+    code = ("import hashlib, torch; torch.set_num_threads(1)\n"
+            "from cocoamix.world import pretrain\n"
+            "r = pretrain(steps=3, batch_size=32, warmup=1, seed=0, eval_every=0, progress=False)\n"
+            "print(hashlib.sha256(b''.join(t.detach().cpu().numpy().tobytes() for t in r['model'].state_dict().values())).hexdigest())")
+    runs = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()[-1] for _ in range(2)]
+    assert len(runs[0]) == 64 and runs[0] == runs[1]
