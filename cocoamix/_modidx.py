@@ -520,7 +520,6 @@ d = { 'settings': { 'branch': 'main',
                                 'cocoamix.world.world_identity': ('world.html#world_identity', 'cocoamix/world.py'),
                                 'cocoamix.world.world_model': ('world.html#world_model', 'cocoamix/world.py'),
                                 'cocoamix.world.world_nouns': ('world.html#world_nouns', 'cocoamix/world.py'),
-                                'cocoamix.world.world_train_features': ('world.html#world_train_features', 'cocoamix/world.py'),
                                 'cocoamix.world.world_train_transform': ('world.html#world_train_transform', 'cocoamix/world.py'),
                                 'cocoamix.world.world_weights': ('world.html#world_weights', 'cocoamix/world.py'),
                                 'cocoamix.world.zero_shot': ('world.html#zero_shot', 'cocoamix/world.py')}}}

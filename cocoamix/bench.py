@@ -7,14 +7,15 @@ from __future__ import annotations
 import argparse, contextlib, dataclasses, datetime, gc, json, os, platform, resource, sys, tempfile, threading, time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import cocoamix.method as method_mod
 from .backbone import TINY_MODEL, FrozenCLIP
-from .data import load_dataset, few_shot_splits, base_new_split, ImageDataset, train_transform, test_transform, BUILTIN
+from .data import load_dataset, few_shot_splits, base_new_split, ImageDataset, Split, train_transform, test_transform, BUILTIN
 from .features import Features
-from .method import train_loop, PromptMethod, Method
+from .method import train_loop, PromptMethod, Method, TrainImages
 from .registry import make_method, get_method_class, METHODS
 from .mixture import out_class_names
 from .prompts import PromptLearner
@@ -285,9 +286,6 @@ REFERENCE_METHODS = ('coop', 'kgcoop', 'cocoamix')   # the methods the bench als
 def library_step_times(clip: FrozenCLIP, classnames: list[str], methods=('coop', 'maple'), batch_size: int = 4, steps: int = 10,
                        seed: int = 0) -> dict:
     "Milliseconds per training step of each method's own `fit`, measured side by side; ratios to the first method."
-    import numpy as np
-    from cocoamix.data import Split
-    from cocoamix.method import TrainImages
     rng = np.random.default_rng(seed)
     S, n = clip.image_size, batch_size * steps
     labels = rng.integers(len(classnames), size=n)

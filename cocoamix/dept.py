@@ -4,18 +4,19 @@
 
 # %% ../nbs/22_dept.ipynb #a8a989a7
 from __future__ import annotations
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .method import PromptMethod, ParamGroup, param
+from .method import PromptMethod, param
 from .prompts import PromptLearner, clean_classname
 from .maple import MaPLe, MaPLeConfig
 
 # %% auto #0
-__all__ = ['DePTConfig', 'FiLM', 'DePT']
+__all__ = ['HEAD_MODULES', 'DePTConfig', 'FiLM', 'DePT']
 
 # %% ../nbs/22_dept.ipynb #d55b588a
 @dataclass
@@ -42,6 +43,8 @@ class FiLM(nn.Module):
     def forward(self, x): return x * self.scale.to(x.dtype) + self.bias.to(x.dtype)
 
 # %% ../nbs/22_dept.ipynb #dd782a6e
+HEAD_MODULES = ('film_image', 'film_text', 'head')   # DePT's own modules, trained at lr x head_lr_mult
+
 class DePT(MaPLe):
     name = 'dept'
     Config = DePTConfig
@@ -81,9 +84,8 @@ class DePT(MaPLe):
         if self.needs_images: self.require_images(train)
         classnames, c = self.start_prompt(train, classnames), self.config
         e = self.ensure_modules()
-        head = [p for k in ('film_image', 'film_text', 'head') for p in e[k].parameters()]
-        prompt = self.prompt_group([p for k, m in e.items() if k not in ('film_image', 'film_text', 'head') for p in m.parameters()])
-        heads = ParamGroup(head, c.optimizer, c.lr * c.head_lr_mult, c.momentum, c.weight_decay, c.schedule, c.warmup_epochs, c.warmup_lr)
+        prompt = self.prompt_group([p for k, m in e.items() if k not in HEAD_MODULES for p in m.parameters()])  # MaPLe's modules, if any
+        heads = dataclasses.replace(self.prompt_group(), params=[p for k in HEAD_MODULES for p in e[k].parameters()], lr=c.lr * c.head_lr_mult)
         self.history['prompt'] = self.optimise(self.losses(classnames), [prompt, heads], train, progress, f'dept ({c.base})')
         return self
 

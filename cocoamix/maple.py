@@ -106,7 +106,8 @@ class MaPLe(PromptMethod):
 
     def vision_prompts(self) -> list[torch.Tensor]:
         "The vision tokens of every prompted layer: each layer's text prompt through its coupling."
-        text = [self.prompts[-1].ctx] + list(self.deep_text_prompts() if self.deep_text_prompts() is not None else [])
+        deep = self.deep_text_prompts()
+        text = [self.prompts[-1].ctx] + (list(deep) if deep is not None else [])
         return [proj(t.float()) for proj, t in zip(self.extra['couplings'], text)]
 
     def class_texts(self, classnames) -> list[str]:

@@ -24,8 +24,8 @@ __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_C
            'Mode', 'Category', 'DatasetSpec', 'World', 'get_world', 'style_params', 'sample_scene', 'render',
            'describe', 'caption', 'pretrain_batch', 'world_dataset', 'register_world', 'register_world_model',
            'world_model', 'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'load_world_clip',
-           'weights_hash', 'world_weights', 'world_identity', 'world_train_transform', 'world_train_features',
-           'calibrate_base2new', 'calibration_table']
+           'weights_hash', 'world_weights', 'world_identity', 'world_train_transform', 'calibrate_base2new',
+           'calibration_table']
 
 # %% ../nbs/20_world.ipynb #w004
 WORLD_VERSION = 'world-v1'   # bump whenever the generator, the vocabulary or the datasets change
@@ -650,21 +650,9 @@ def world_identity() -> dict:
 
 # %% ../nbs/20_world.ipynb #w039
 def world_train_transform(image_size: int = 32, mean=CLIP_MEAN, std=CLIP_STD):
-    "The world's augmentation: the data layer's in-frame crops (70-100%, no flip), which every world split asks for."
+    "The world's augmentation: the data layer's in-frame crops (70-100%, no flip), which every world split asks for (`Split.augment`)."
     from cocoamix.data import in_frame_transform
     return in_frame_transform(image_size, mean, std)
-
-def world_train_features(clip, split: Split, n_views: int = 8, seed: int = 0):
-    "Training features [V, N, D] of `split` under `world_train_transform` (view v seeded by `seed`, v)."
-    from cocoamix.features import Features
-    from cocoamix.data import ImageDataset
-    tf = world_train_transform(clip.image_size, clip.mean, clip.std)
-    views = []
-    for v in range(n_views):
-        torch.manual_seed(seed * 1000 + v)
-        x = torch.stack([tf(split.image(i)) for i in range(len(split))])
-        views.append(clip.encode_images(x))
-    return Features(torch.stack(views), torch.as_tensor(split.labels, dtype=torch.long), list(split.classnames))
 
 # %% ../nbs/20_world.ipynb #w042
 def calibrate_base2new(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2, 3), epochs: int = 200, shots: int = 16,
@@ -686,12 +674,10 @@ def calibrate_base2new(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2,
         for s in seeds:
             t0 = time.time()
             base, new = base_new_split(few_shot_splits(ds, shots, s))
-            trf = world_train_features(clip, base.train, n_views=n_views, seed=s)
+            trf = split_features(clip, base.train, n_views=n_views, cache_dir=cache_dir, progress=False)
             tb, tn = (split_features(clip, x.test, cache_dir=cache_dir, progress=False) for x in (base, new))
             zs = ZeroShotCLIP(clip, template=ds.template)
-            m = make_method('coop', clip, n_ctx=4, ctx_init='a photo of a', epochs=epochs, batch_size=32, lr=0.002,
-                            momentum=0.9, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5, schedule='cosine',
-                            optimizer='sgd', seed=s, template=ds.template)
+            m = make_method('coop', clip, key, shots, protocol='base2new', epochs=epochs, seed=s, template=ds.template)
             m.fit(trf, base.classnames, progress=False)
             with torch.no_grad():
                 cos = {part: float(F.cosine_similarity(m.prompts[-1].text_features(names).float(),
