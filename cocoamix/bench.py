@@ -225,7 +225,8 @@ def text_pass_utilisation(clip, classnames, n_ctx: int = 16, reps: int = 20, gra
 def _loader(split, transform, batch_size: int, device, shuffle: bool = False, seed: int = 1):
     workers = min(8, os.cpu_count() or 1) if device.type == 'cuda' else 0  # as the feature cache does
     return DataLoader(ImageDataset(split, transform), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == 'cuda')
+                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == 'cuda',
+                      drop_last=shuffle and len(split) >= batch_size)  # a training loader drops its partial batch, as Dassl's
 
 def coop_encode(clip: FrozenCLIP, split, transform, batch_size: int = 256, amp: bool = True) -> torch.Tensor:
     "CoOp's way of getting image features for evaluation: a forward pass of the image encoder, in its precision."

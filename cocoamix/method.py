@@ -22,7 +22,7 @@ from .mixture import MixtureWeights
 
 # %% auto #0
 __all__ = ['SOURCES', 'HANDCRAFTED', 'param', 'MethodConfig', 'PromptConfig', 'ParamGroup', 'autocast', 'TrainImages',
-           'train_loop', 'Method', 'PromptMethod']
+           'epoch_size', 'train_loop', 'Method', 'PromptMethod']
 
 # %% ../nbs/07_method.ipynb #dd09514e
 SOURCES = ('paper', 'peer', 'ours')
@@ -94,9 +94,10 @@ class ParamGroup:
         return torch.optim.Adam(self.params, lr=self.lr, weight_decay=self.weight_decay)
 
     def lr_at(self, epoch: int, epochs: int) -> float:
+        "Dassl's per-epoch lr: `warmup_lr` for the warm-up epochs, then cosine over `epochs` counted from 0 again (WARMUP_RECOUNT)."
         if epoch < self.warmup_epochs: return self.warmup_lr
         if self.schedule == 'constant': return self.lr
-        return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / epochs))
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / epochs))
 
 def autocast(device):
     "bf16 autocast on a GPU, nothing on the CPU."
@@ -117,19 +118,25 @@ class TrainImages:
     def classnames(self) -> list[str]: return list(self.split.classnames)
 
     def batches(self, order: torch.Tensor, batch_size: int, device, seed: int):
-        "Augmented image batches in `order`; the random crops are seeded (`seed`) so a run is reproducible."
+        "Augmented image batches in `order` (`order` already holds only the images of the epoch's full batches); seeded crops."
         workers = self.num_workers if self.num_workers is not None else (min(8, os.cpu_count() or 1) if torch.device(device).type == 'cuda' else 0)
         torch.manual_seed(seed)  # drives the random transforms when they run in this process
         loader = torch.utils.data.DataLoader(ImageDataset(self.split, self.transform), batch_size=batch_size, sampler=order.tolist(),
                                              num_workers=workers, generator=torch.Generator().manual_seed(seed))
         for images, labels in loader: yield images.to(device), labels.to(device)
 
+def epoch_size(n: int, batch_size: int, drop_last: bool = True) -> tuple[int, int]:
+    "`(steps, images)` of one epoch over `n` images: Dassl drops the last partial batch when `n` holds at least one full batch."
+    if drop_last and n >= batch_size: return n // batch_size, n // batch_size * batch_size
+    return math.ceil(n / batch_size), n
+
 def train_loop(loss_fn, groups: list[ParamGroup], feats: Features | TrainImages, epochs: int, batch_size: int, seed: int = 1,
-               progress: bool = True, desc: str = 'training', on_epoch=None, backward=None) -> list[float]:
+               progress: bool = True, desc: str = 'training', on_epoch=None, backward=None, drop_last: bool = True) -> list[float]:
     "Minimise `loss_fn(image_features [B, D] or images [B, 3, H, W], labels [B])` over `feats`; returns the mean loss of each epoch."
     g = torch.Generator().manual_seed(seed)
     opts = [grp.make() for grp in groups]
     n, history = len(feats), []
+    steps, used = epoch_size(n, batch_size, drop_last)
     device = groups[0].params[0].device
     images = isinstance(feats, TrainImages)
     if not images: x_all, y_all = feats.x.to(device), feats.labels.to(device)
@@ -139,20 +146,21 @@ def train_loop(loss_fn, groups: list[ParamGroup], feats: Features | TrainImages,
             for pg in opt.param_groups: pg['lr'] = grp.lr_at(epoch, epochs)
         if on_epoch is not None: on_epoch(epoch)
         order, total = torch.randperm(n, generator=g), 0.0
-        if images: batches = feats.batches(order, batch_size, device, seed=seed * 100_003 + epoch)
+        if images: batches = feats.batches(order[:used], batch_size, device, seed=seed * 100_003 + epoch)
         else:
             views = torch.randint(feats.n_views, (n,), generator=g)  # one cached augmented view per image per epoch
             batches = ((x_all[views[order[i:i + batch_size]].to(device), order[i:i + batch_size].to(device)] if feats.x.dim() == 3
-                        else x_all[order[i:i + batch_size].to(device)], y_all[order[i:i + batch_size].to(device)]) for i in range(0, n, batch_size))
+                        else x_all[order[i:i + batch_size].to(device)], y_all[order[i:i + batch_size].to(device)]) for i in range(0, used, batch_size))
         for xb, yb in batches:
             for opt in opts: opt.zero_grad(set_to_none=True)
             with autocast(device): loss = loss_fn(xb, yb) if backward is None else backward(xb, yb)
             if backward is None: loss.backward()
             for opt in opts: opt.step()
             total += float(loss.detach()) * len(yb)
-        history.append(total / n)
+        history.append(total / used)
         bar.set_postfix(loss=f'{history[-1]:.4f}')
     return history
+
 
 # %% ../nbs/07_method.ipynb #02e92a48
 HANDCRAFTED: dict = {}  # (clip, template, classes) -> t_0 text features, for the life of the process
