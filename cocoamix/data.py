@@ -14,11 +14,12 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'TRAIN_AUGMENTATIONS', 'EUROSAT_RENAMES', 'CALTECH_RENAMES', 'FASHION_MNIST_CLASSES',
-           'BUILTIN', 'DIGITS_CLASSES', 'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS', 'IMAGE_EXTS',
-           'SOURCES', 'Split', 'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform', 'test_transform',
-           'in_frame_transform', 'split_train_transform', 'normalise_classname', 'DatasetInfo', 'package_data_dir',
-           'data_root', 'read_coop_split', 'load_dataset', 'few_shot', 'few_shot_splits', 'base_new_split',
-           'FSCILSession', 'FSCILSplits', 'fscil_sessions', 'check_data']
+           'BUILTIN', 'DIGITS_CLASSES', 'IMAGENET_V2_DIR', 'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS',
+           'IMAGE_EXTS', 'SOURCES', 'Split', 'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform',
+           'test_transform', 'in_frame_transform', 'split_train_transform', 'normalise_classname', 'DatasetInfo',
+           'package_data_dir', 'data_root', 'read_coop_split', 'load_dataset', 'few_shot', 'few_shot_splits',
+           'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_index_dirs', 'find_fscil_index_dir',
+           'fscil_sessions', 'image_file_report', 'check_data']
 
 # %% ../nbs/01_data.ipynb #7035427f
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -87,6 +88,8 @@ class DatasetSplits:
     template: str           # hand-crafted prompt t_0, e.g. 'a photo of a {}.'
     source: str             # human-readable provenance
     orig_labels: list | None = None   # after base_new_split: original label of each class
+    val_is_test: bool = False         # CoOp's ImageNet: val *is* the test set (whole, never few-shot)
+    root: str | None = None           # the data root it was read from (None: rendered or in memory)
 
     def __repr__(self):
         return (f'DatasetSplits({self.name!r}, classes={len(self.classnames)}, train={len(self.train)}, '
@@ -191,6 +194,7 @@ FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 BUILTIN = 'fashion_mnist'  # the default offline dataset
 DIGITS_CLASSES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+IMAGENET_V2_DIR = 'imagenetv2-matched-frequency-format-val'   # CoOp's datasets/imagenetv2.py; the official tarball's folder
 BUILTINS = (BUILTIN, 'digits')  # every dataset vendored in data/: a second one makes offline transfer runs mean something
 
 def _coop(key, display, folder, split_file, template, image_dir, extra_layout='', **kw):
@@ -222,7 +226,8 @@ REGISTRY: dict[str, DatasetInfo] = {i.key: i for i in [
     DatasetInfo('fgvc_aircraft', 'FGVCAircraft', 'fgvc_aircraft', None, 'a photo of a {}, a type of aircraft.',
                 'images', kind='aircraft',
                 layout='fgvc_aircraft/\n  images/<imageid>.jpg\n  images_variant_train.txt   (lines "imageid Variant Name")\n'
-                       '  images_variant_val.txt\n  images_variant_test.txt\n  variants.txt   (optional: class order)',
+                       '  images_variant_val.txt\n  images_variant_test.txt\n'
+                       '  variants.txt   (the class order: label = line; required, as in CoOp)',
                 where=f"{_COOP}: fgvc-aircraft-2013b.tar.gz, its data/ folder renamed fgvc_aircraft"),
     _coop('sun397', 'SUN397', 'sun397', 'split_zhou_SUN397.json', 'a photo of a {}.', 'SUN397'),
     _coop('dtd', 'DTD', 'dtd', 'split_zhou_DescribableTextures.json', '{} texture.', 'images'),
@@ -230,8 +235,8 @@ REGISTRY: dict[str, DatasetInfo] = {i.key: i for i in [
           renames=EUROSAT_RENAMES, classnames=tuple(EUROSAT_RENAMES[k] for k in sorted(EUROSAT_RENAMES))),
     _coop('ucf101', 'UCF101', 'ucf101', 'split_zhou_UCF101.json', 'a photo of a person doing {}.',
           'UCF-101-midframes', camel=True),
-    _variant('imagenet_v2', 'ImageNet-V2', 'imagenetv2', 'imagenetv2-matched-frequency-f',
-             'class folders are named 0..999 by ImageNet label'),
+    _variant('imagenet_v2', 'ImageNet-V2', 'imagenetv2', IMAGENET_V2_DIR,
+             'imagenetv2-matched-frequency.tar.gz extracted into imagenetv2/; class folders 0..999 = ImageNet labels'),
     _variant('imagenet_sketch', 'ImageNet-Sketch', 'imagenet-sketch', 'images', 'class folders named by wnid'),
     _variant('imagenet_a', 'ImageNet-A', 'imagenet-adversarial', 'imagenet-a',
              '200 class folders named by wnid; the subset is read from them'),
@@ -275,8 +280,8 @@ def data_root(root=None) -> Path:
     env = os.environ.get('COCOAMIX_DATA')
     return Path(env).expanduser() if env else package_data_dir()
 
-def _missing(path, info: DatasetInfo | None, root, what='') -> FileNotFoundError:
-    msg = f'{what or "path"} not found: {path}'
+def _missing(path, info: DatasetInfo | None, root, what='', hint='') -> FileNotFoundError:
+    msg = f'{what or "path"} not found: {path}' + (f'\n{hint}' if hint else '')
     if info is not None:
         msg += (f'\nExpected layout for {info.display_name} under the data root {root}:\n'
                 + '\n'.join('  ' + l for l in info.layout.splitlines())
@@ -284,8 +289,8 @@ def _missing(path, info: DatasetInfo | None, root, what='') -> FileNotFoundError
     msg += '\nSee data/README.md; point cocoamix at the data with --data-root (CLI), root= or $COCOAMIX_DATA.'
     return FileNotFoundError(msg)
 
-def _need(path: Path, info, root, what='') -> Path:
-    if not path.exists(): raise _missing(path, info, root, what)
+def _need(path: Path, info, root, what='', hint='') -> Path:
+    if not path.exists(): raise _missing(path, info, root, what, hint)
     return path
 
 def _info(name) -> DatasetInfo:
@@ -338,7 +343,6 @@ def read_coop_split(path, image_dir, info: DatasetInfo, classnames=None, name=No
     for part in ('train', 'val', 'test'):
         items = [str(image_dir / rel) for rel, _ in rows[part]]
         labels = [remap[l] if remap else l for _, l in rows[part]]
-        if items and not Path(items[0]).exists(): raise _missing(items[0], info, image_dir.parent, 'image file')
         splits.append(Split(items, labels, names, f'{name or info.key}/{part}'))
     return (*splits, names)
 
@@ -355,18 +359,20 @@ def _subdirs(folder: Path) -> list:
 def _read_aircraft(d: Path, info, root, classnames=None):
     files = {p: _need(d / f'images_variant_{p}.txt', info, root, 'split file') for p in ('train', 'val', 'test')}
     img_dir = _need(d / 'images', info, root, 'image folder')
+    variants = _need(d / 'variants.txt', info, root, 'class list variants.txt',
+                     hint="FGVCAircraft's labels are the line numbers of variants.txt (CoOp's datasets/fgvc_aircraft.py "
+                          "reads it); no other order reproduces CoOp's labels. Copy variants.txt from the data/ folder "
+                          f"of fgvc-aircraft-2013b.tar.gz into {d}.")
     rows = {p: [l.strip().split(' ', 1) for l in f.read_text().splitlines() if l.strip()] for p, f in files.items()}
-    variants = d / 'variants.txt'
-    names = ([l.strip() for l in variants.read_text().splitlines() if l.strip()] if variants.exists()
-             else sorted({v for r in rows.values() for _, v in r}))
+    raw = [l.strip() for l in variants.read_text().splitlines() if l.strip()]
+    names = [info.normalise(v) for v in raw]
     _check_classnames(names, classnames, str(d))
-    idx = {n: i for i, n in enumerate(names)}
+    idx = {n: i for i, n in enumerate(raw)}
     out = []
     for p, r in rows.items():
         bad = next((v for _, v in r if v not in idx), None)
-        if bad is not None: raise ValueError(f'{files[p]}: variant {bad!r} is not among the {len(names)} classes')
+        if bad is not None: raise ValueError(f'{files[p]}: variant {bad!r} is not among the {len(raw)} classes of {variants}')
         items = [str(img_dir / f'{i}.jpg') for i, _ in r]
-        if items and not Path(items[0]).exists(): raise _missing(items[0], info, root, 'image file')
         out.append(Split(items, [idx[v] for _, v in r], names, f'{info.key}/{p}'))
     return (*out, names)
 
@@ -386,30 +392,58 @@ def _folder_split(class_dirs, labels, names, name) -> Split:
     return Split(items, ys, names, name)
 
 def _read_imagenet(d: Path, info, root, classnames=None):
-    wnid2name = _read_classnames_txt(d / 'classnames.txt', info, root)
-    wnids = list(wnid2name); names = [wnid2name[w] for w in wnids]
-    _check_classnames(names, classnames, str(d / 'classnames.txt'))
-    splits = {}
+    "CoOp's datasets/imagenet.py: classes = the sorted wnid folders present; the val folder is val and test."
+    txt = d / 'classnames.txt'
+    wnid2name = _read_classnames_txt(txt, info, root)
+    dirs, found = {}, {}
     for part in ('train', 'val'):
-        sd = _need(d / info.image_dir / part, info, root, 'image folder')
-        extra = sorted(set(_subdirs(sd)) - set(wnids))
-        if extra: raise ValueError(f'{sd}: folder {extra[0]!r} is not a wnid of {d / "classnames.txt"}')
-        present = [(sd / w, i) for i, w in enumerate(wnids) if (sd / w).is_dir()]
-        splits[part] = _folder_split([p for p, _ in present], [i for _, i in present], names, f'{info.key}/{part}')
-    test = replace(splits['val'], name=f'{info.key}/test')
-    return splits['train'], splits['val'], test, names
+        dirs[part] = _need(d / info.image_dir / part, info, root, 'image folder')
+        found[part] = _subdirs(dirs[part])
+        extra = [f for f in found[part] if f not in wnid2name]
+        if extra: raise ValueError(f'{dirs[part]}: folder {extra[0]!r} is not a wnid listed in {txt}; '
+                                   f'remove it, or use CoOp\'s classnames.txt (see data/README.md)')
+    if found['train'] != found['val']:
+        only = [(p, sorted(set(found[p]) - set(found[q]))) for p, q in (('train', 'val'), ('val', 'train'))]
+        p, ws = next((p, ws) for p, ws in only if ws)
+        raise ValueError(f'{d / info.image_dir}: train and val hold different class folders ({len(found["train"])} and '
+                         f'{len(found["val"])}; e.g. {ws[0]!r} only in {p}/). CoOp labels each by its own sorted folders, '
+                         'so their labels would disagree: extract both splits completely, or remove the extra folders.')
+    wnids = found['train']
+    if not wnids: raise _missing(dirs['train'] / '<wnid>', info, root, 'class folders')
+    if len(wnids) < len(wnid2name):
+        warnings.warn(f'{d}: {len(wnids)} of the {len(wnid2name)} classes of classnames.txt have folders; as in CoOp '
+                      f'(datasets/imagenet.py) the classes are the folders present, labelled in sorted order '
+                      f'({len(wnids)} classes, not {len(wnid2name)})', stacklevel=3)
+    names = [info.normalise(wnid2name[w]) for w in wnids]
+    _check_classnames(names, classnames, str(txt))
+    train = _folder_split([dirs['train'] / w for w in wnids], range(len(wnids)), names, f'{info.key}/train')
+    test = _folder_split([dirs['val'] / w for w in wnids], range(len(wnids)), names, f'{info.key}/test')
+    return train, test, test, names   # CoOp: val=test, the same images
 
 def _read_imagenet_variant(d: Path, info, root, classnames=None):
     wnid2name = _read_classnames_txt(d / 'classnames.txt', info, root)
-    img = _need(d / info.image_dir, info, root, 'image folder')
-    if info.key == 'imagenet_v2':   # folders 0..999 = ImageNet labels in classnames.txt order
-        wnids = list(wnid2name); folders = sorted(_subdirs(img), key=int)
-        keys = [wnids[int(f)] for f in folders]
+    hint = ''
+    if info.key == 'imagenet_v2' and not (d / info.image_dir).exists():
+        other = sorted(p.name for p in d.glob('imagenetv2-*') if p.is_dir()) if d.is_dir() else []
+        if other: hint = (f'Found {other[0]!r} instead: CoOp (datasets/imagenetv2.py) reads the matched-frequency set '
+                          f'from {info.image_dir}/, the folder imagenetv2-matched-frequency.tar.gz extracts to.')
+    img = _need(d / info.image_dir, info, root, 'image folder', hint)
+    if info.key == 'imagenet_v2':   # CoOp reads every folder 0..999: label = folder number = line of classnames.txt
+        wnids = list(wnid2name); n = len(wnids); folders = _subdirs(img)
+        bad = [f for f in folders if not (f.isdigit() and str(int(f)) == f and int(f) < n)]
+        if bad: raise ValueError(f'{img}: folder {bad[0]!r} is not an ImageNet label 0..{n - 1}; ImageNet-V2 names its '
+                                 f'class folders by label (the line of classnames.txt). Remove it.')
+        have = set(folders); gone = [str(i) for i in range(n) if str(i) not in have]
+        if gone: raise FileNotFoundError(
+            f'{img}: {len(gone)} of the {n} class folders 0..{n - 1} are missing (e.g. {", ".join(gone[:5])}). '
+            f"CoOp's datasets/imagenetv2.py reads every one (label = folder number); re-extract "
+            f'imagenetv2-matched-frequency.tar.gz into {d}.')
+        folders = [str(i) for i in range(n)]; keys = wnids
     else:                           # folders named by wnid; A and R hold a 200-class subset
         folders = _subdirs(img); keys = folders
         bad = next((f for f in folders if f not in wnid2name), None)
         if bad is not None: raise ValueError(f'{img}: folder {bad!r} is not a wnid listed in {d / "classnames.txt"}')
-    names = [wnid2name[k] for k in keys]
+    names = [info.normalise(wnid2name[k]) for k in keys]
     _check_classnames(names, classnames, str(img))
     test = _folder_split([img / f for f in folders], range(len(folders)), names, f'{info.key}/test')
     empty = lambda p: Split([], [], names, f'{info.key}/{p}')
@@ -429,6 +463,7 @@ def _read_cifar100(d: Path, info, root, classnames=None):
         x = np.asarray(b['data'], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         out[part] = Split(list(x), b['fine_labels'], names, f'{info.key}/{part}')
     return out['train'], Split([], [], names, f'{info.key}/val'), out['test'], names
+
 
 # %% ../nbs/01_data.ipynb #c4e53311
 def _holdout(split: Split, frac: float, seed: int, names=('train', 'val')):
@@ -547,13 +582,16 @@ def load_dataset(name: str, root=None, source: str = 'auto', **kwargs) -> Datase
     """Load dataset `name` from the data root `root` (default `$COCOAMIX_DATA` or the repo's `data/`).
     `source`: 'coop' (CoOp folder layout, see data/README.md), 'hf' (kwargs `hf_id` or `path`, `image_column`,
     `label_column`, `splits`), 'folder' (kwarg `path`, default the dataset's image folder), 'builtin', or 'auto'.
-    Common kwargs: `classnames` (expected class names, checked), `template` (override), `seed` (split seed)."""
+    Common kwargs: `classnames` (expected class names, checked), `template` (override), `seed` (split seed),
+    `check_files` ('first' | 'all' | 'none': which image files are stat'ed on load)."""
     if source not in SOURCES: raise ValueError(f'unknown source {source!r}; choose one of {SOURCES}')
     info = REGISTRY.get(name)
     if info is None and not (source in ('hf', 'folder') and ('path' in kwargs or 'hf_id' in kwargs)): _info(name)
     if source == 'auto': source = 'builtin' if name in BUILTINS else 'coop'
     template = kwargs.pop('template', None) or (info.template if info else 'a photo of a {}.')
     classnames = kwargs.pop('classnames', None)
+    check_files = kwargs.pop('check_files', 'first')
+    if check_files not in ('first', 'all', 'none'): raise ValueError(f"check_files must be 'first', 'all' or 'none', got {check_files!r}")
     root = data_root(root)
     if source == 'builtin':
         if name not in BUILTINS: raise ValueError(f"source='builtin' only serves {BUILTINS}, not {name!r}")
@@ -568,7 +606,8 @@ def load_dataset(name: str, root=None, source: str = 'auto', **kwargs) -> Datase
     else:
         if kwargs: raise TypeError(f"source='coop' takes no extra arguments, got {sorted(kwargs)}")
         if info.kind == 'generated': return replace(info.generate(), template=template)   # rendered, no files needed
-        if info.kind == 'builtin': return load_dataset(name, root, 'builtin', template=template, classnames=classnames)
+        if info.kind == 'builtin': return load_dataset(name, root, 'builtin', template=template, classnames=classnames,
+                                                       check_files=check_files)
         d = _need(root / info.folder, info, root, 'dataset folder')
         if info.kind == 'coop_json':
             sf = _need(d / info.split_file, info, root, 'split file')
@@ -580,7 +619,17 @@ def load_dataset(name: str, root=None, source: str = 'auto', **kwargs) -> Datase
                       'imagenet_variant': _read_imagenet_variant, 'cifar100': _read_cifar100}[info.kind]
             tr, va, te, names = reader(d, info, root, classnames)
             where = f'coop: {d}'
-    return DatasetSplits(name, tr, va, te, list(names), template, where)
+    ds = DatasetSplits(name, tr, va, te, list(names), template, where, val_is_test=va is te, root=str(root))
+    if check_files == 'first':
+        for sp in (tr, va, te):
+            first = sp.items[0] if len(sp) else None
+            if isinstance(first, str) and not Path(first).is_file():
+                raise _missing(first, info, root, 'image file', f'(the first image of {sp.name}; '
+                               '`cocoamix data check` counts every missing one)')
+    elif check_files == 'all':
+        problem = image_file_report(ds).get('problem')
+        if problem: raise FileNotFoundError(problem + _fix(info, root))
+    return ds
 
 # %% ../nbs/01_data.ipynb #509e5238
 def _sample_indices(split: Split, shots: int, seed: int) -> list:
@@ -616,9 +665,11 @@ def few_shot(split: Split, shots: int | None, seed: int, cache_dir=None) -> Spli
     return split.subset(idx, name)
 
 def few_shot_splits(ds: DatasetSplits, shots: int | None, seed: int, cache_dir=None) -> DatasetSplits:
-    "CoOp's few-shot protocol: train K shots, val min(K, 4) shots (an empty val stays empty), test untouched."
+    """CoOp's few-shot protocol: train K shots, val min(K, 4) shots, test untouched. An empty val stays empty, and a val
+    that is the test set (CoOp's ImageNet, datasets/imagenet.py: `val=test`) stays whole."""
     train = few_shot(ds.train, shots, seed, cache_dir)
-    val = ds.val if len(ds.val) == 0 or shots is None else few_shot(ds.val, min(int(shots), 4), seed, cache_dir)
+    keep_val = len(ds.val) == 0 or shots is None or ds.val_is_test
+    val = ds.val if keep_val else few_shot(ds.val, min(int(shots), 4), seed, cache_dir)
     return replace(ds, train=train, val=val)
 
 # %% ../nbs/01_data.ipynb #34075842
@@ -636,7 +687,7 @@ def base_new_split(ds: DatasetSplits) -> tuple[DatasetSplits, DatasetSplits]:
     for classes, suffix in ((list(range(m)), 'base'), (list(range(m, n)), 'new')):
         out.append(DatasetSplits(ds.name, *(_keep_classes(s, classes, suffix) for s in (ds.train, ds.val, ds.test)),
                                  [ds.classnames[c] for c in classes], ds.template, f'{ds.source}; {suffix} classes',
-                                 [orig[c] for c in classes]))
+                                 [orig[c] for c in classes], ds.val_is_test, ds.root))
     return out[0], out[1]
 
 # %% ../nbs/01_data.ipynb #c854db62
@@ -679,16 +730,37 @@ def _match_index_lines(lines, split: Split, f: Path) -> list:
         out.append(j)
     return out
 
+def fscil_index_dirs(name: str, root=None) -> list:
+    "Where CEC's index lists are looked for: `<root>/<folder>/index_list/`, then CEC's `<root>/index_list/<name>/`."
+    info, r = REGISTRY.get(name), data_root(root)
+    return [r / (info.folder if info else name) / 'index_list', r / 'index_list' / name]
+
+def find_fscil_index_dir(name: str, root=None):
+    "The first of `fscil_index_dirs` that holds CEC's `session_*.txt` files, or None."
+    return next((d for d in fscil_index_dirs(name, root) if d.is_dir() and any(d.glob('session_*.txt'))), None)
+
 def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, ways: int = 5, shots: int = 5,
-                   n_sessions: int = 8, seed: int = 0) -> FSCILSplits:
-    """FSCIL sessions from a dataset's train/test splits: CEC index files `session_1.txt..` in `index_dir` when given,
-    else a deterministic generated split (label order, `shots` per new class drawn with `seed`)."""
+                   n_sessions: int = 8, seed: int = 0, base_shots: int | None = None, root=None) -> FSCILSplits:
+    """FSCIL sessions from a dataset's train/test splits: CEC index files `session_1.txt..` in `index_dir`; when
+    `index_dir` is None, found under the data root (`root`, else the one `ds` was read from: `fscil_index_dirs`);
+    else (or with `index_dir='generated'`) a deterministic generated split (label order, `shots` per new class drawn
+    with `seed`). `base_shots`: K images per base class in the base session (seeded), instead of all of them."""
     tr, te = ds.train, ds.test
+    how, looked = '', []
+    if index_dir is None:
+        where = root if root is not None else ds.root
+        if where is not None:
+            looked = fscil_index_dirs(ds.name, where)
+            index_dir = find_fscil_index_dir(ds.name, where)
+            how = ' (found under the data root)'
+    elif str(index_dir) == 'generated': index_dir = None
     if index_dir is not None:
         index_dir = Path(index_dir)
         files = [index_dir / f'session_{k + 1}.txt' for k in range(n_sessions + 1)]
         miss = [f for f in files[1:] if not f.exists()]
-        if miss: raise _missing(miss[0], REGISTRY.get(ds.name), index_dir.parent, 'FSCIL index file')
+        if miss: raise _missing(miss[0], REGISTRY.get(ds.name), data_root(root if root is not None else ds.root),
+                                'FSCIL index file', f'{index_dir} must hold session_2.txt .. session_{n_sessions + 1}.txt '
+                                '(CEC\'s data/index_list/<dataset>/), or pass index_dir=\'generated\'')
         sess_idx = []
         for k, f in enumerate(files):
             if k == 0 and not f.exists(): sess_idx.append(None); continue
@@ -699,7 +771,7 @@ def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, wa
             sess_classes.append(list(dict.fromkeys(int(tr.labels[i]) for i in idx)))
         if sess_idx[0] is None:
             sess_idx[0] = np.flatnonzero(np.isin(tr.labels, sess_classes[0])).tolist()
-        source = f'cec-index: {index_dir}'
+        source = f'cec-index: {index_dir}{how}'
     else:
         need = base_classes + n_sessions * ways
         if len(ds.classnames) < need:
@@ -712,7 +784,12 @@ def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, wa
             pick = _sample_indices(sub, shots, seed * 1000 + k)
             pos = np.flatnonzero(np.isin(tr.labels, cls))
             sess_idx.append(pos[pick].tolist())
-        source = f'generated (seed {seed})'
+        source = f'generated (seed {seed})' + (f'; no CEC index files in {looked[0]} or {looked[1]}' if looked else '')
+    if base_shots:   # a few-shot base session, drawn from the base session's own images (index-file positions stay valid)
+        idx0 = np.asarray(sess_idx[0], dtype=np.int64)
+        base = _keep_classes(tr.subset(idx0, f'{tr.name}/fscil_base'), sess_classes[0], 'all')  # every image kept, in place
+        sess_idx[0] = idx0[_sample_indices(base, int(base_shots), seed)].tolist()
+        source += f'; base session {int(base_shots)} shots per class (seed {seed})'
     order = [c for cls in sess_classes for c in cls]
     if len(set(order)) != len(order): raise ValueError(f'{ds.name}: a class appears in two FSCIL sessions')
     names = [ds.classnames[c] for c in order]
@@ -729,14 +806,80 @@ def fscil_sessions(ds: DatasetSplits, index_dir=None, base_classes: int = 60, wa
     return FSCILSplits(ds.name, sessions, names, order, ds.template, source)
 
 # %% ../nbs/01_data.ipynb #95493c49
-def check_data(root, names) -> list[dict]:
-    "`[{dataset, ok, message}]`: each dataset loaded under `root`, or why it cannot be."
+def _file_ok(p) -> bool:
+    try: st = os.stat(p)
+    except OSError: return False
+    return st.st_size > 0 and (st.st_mode & 0o170000) == 0o100000   # a regular, non-empty file
+
+def _stat_all(paths: list, workers: int = 16) -> list:
+    "`_file_ok` of every path: one stat each, in chunks on a thread pool once there are many."
+    if len(paths) <= 2000: return [_file_ok(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+    chunks = [paths[i:i + 2000] for i in range(0, len(paths), 2000)]
+    with ThreadPoolExecutor(workers) as ex: return [ok for part in ex.map(lambda c: [_file_ok(p) for p in c], chunks) for ok in part]
+
+def _from_folders(ds: DatasetSplits) -> bool:
+    "Were the classes read from class folders (ImageNet and its variants, source='folder'), not from a split file?"
+    info = REGISTRY.get(ds.name)
+    return ds.source.startswith('folder:') or (info is not None and info.kind in ('imagenet', 'imagenet_variant'))
+
+def image_file_report(ds: DatasetSplits, examples: int = 5, empty_classes: bool | None = None) -> dict:
+    """Stat every image file of train/val/test once. `{'n_files', 'missing': {split: [paths]}, 'empty_classes':
+    [(split, label, name)], 'problem': text or None}`; a split that is another (ImageNet's val) is checked once.
+    `empty_classes` (default: when the classes come from class folders) also reports a class with no image in a
+    non-empty split: an emptied folder there leaves no missing path to count. A split file's emptied folder does."""
+    if empty_classes is None: empty_classes = _from_folders(ds)
+    parts, seen = [], set()
+    for part in ('train', 'val', 'test'):
+        sp = getattr(ds, part)
+        if id(sp) not in seen: seen.add(id(sp)); parts.append((part, sp))
+    files = {part: list(dict.fromkeys(str(it) for it in sp.items if isinstance(it, (str, os.PathLike)))) for part, sp in parts}
+    uniq = list(dict.fromkeys(p for fs in files.values() for p in fs))
+    ok = dict(zip(uniq, _stat_all(uniq)))
+    missing = {part: [p for p in fs if not ok[p]] for part, fs in files.items()}
+    empty = [(sp.name, int(c), sp.classnames[c]) for _, sp in parts if len(sp) and empty_classes
+             for c in np.flatnonzero(sp.counts() == 0)]
+    n_bad = len({p for ps in missing.values() for p in ps})
+    lines = []
+    if n_bad:
+        per = ', '.join(f'{part} {len(ps)}' for part, ps in missing.items() if ps)
+        ex = [p for ps in missing.values() for p in ps][:examples]
+        lines.append(f'{ds.name}: {n_bad} of {len(uniq)} image files are missing or empty ({per}); e.g.\n'
+                     + '\n'.join(f'  {p}' for p in ex) + ('\n  ...' if n_bad > len(ex) else ''))
+    if empty:
+        lines.append(f'{ds.name}: {len(empty)} class(es) have no image in a split (an emptied class folder): '
+                     + '; '.join(f'{n!r} (label {c}) in {s}' for s, c, n in empty[:examples]) + ('; ...' if len(empty) > examples else ''))
+    return {'n_files': len(uniq), 'missing': missing, 'empty_classes': empty, 'problem': '\n'.join(lines) or None}
+
+def _fix(info, root) -> str:
+    where = f' into {data_root(root) / info.folder}' if info is not None else ''
+    get = f' (get it from: {info.where})' if info is not None else ''
+    return (f'\nFix: re-download or re-extract the dataset{where}{get}, keeping every file its split lists; '
+            'see data/README.md. A run would stop at the first missing file, hours in.')
+
+def check_data(root, names, every_file: bool = True) -> list[dict]:
+    """`[{dataset, ok, message}]`: each dataset loaded under `root`, or why it cannot be. `every_file`: stat every image
+    file and check every class has images (else only the first file of each split)."""
     rows = []
     for name in names:
-        try:
-            ds = load_dataset(name, root=root)
-            rows.append({'dataset': name, 'ok': True, 'message': f'{len(ds.classnames)} classes, train/val/test '
-                         f'{len(ds.train)}/{len(ds.val)}/{len(ds.test)} ({ds.source})'})
-        except (FileNotFoundError, ValueError, OSError) as e:
-            rows.append({'dataset': name, 'ok': False, 'message': str(e).replace('\n', '\n' + ' ' * 26)})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            try:
+                ds = load_dataset(name, root=root, check_files='none' if every_file else 'first')
+                rep = image_file_report(ds) if every_file else None
+            except (FileNotFoundError, ValueError, OSError) as e:
+                rows.append({'dataset': name, 'ok': False, 'message': str(e).replace('\n', '\n' + ' ' * 26)}); continue
+        if rep is not None and rep['problem']:
+            msg = rep['problem'] + _fix(REGISTRY.get(name), root)
+            rows.append({'dataset': name, 'ok': False, 'message': msg.replace('\n', '\n' + ' ' * 26)}); continue
+        msg = (f'{len(ds.classnames)} classes, train/val/test {len(ds.train)}/{len(ds.val)}/{len(ds.test)} ({ds.source})'
+               + (f'; all {rep["n_files"]} image files present' if rep and rep['n_files'] else ''))
+        info = REGISTRY.get(name)
+        if info is not None and info.kind == 'cifar100':
+            found = find_fscil_index_dir(name, root)
+            msg += (f'; FSCIL index files: {found}' if found else '; no CEC FSCIL index files (looked in '
+                    + ' and '.join(map(str, fscil_index_dirs(name, root))) + '): FSCIL runs generate the split')
+        msg += ''.join(f'\nnote: {w.message}' for w in caught)
+        rows.append({'dataset': name, 'ok': True, 'message': msg.replace('\n', '\n' + ' ' * 26)})
     return rows
+

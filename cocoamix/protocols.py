@@ -128,10 +128,10 @@ def run_fscil(dataset: str = 'cifar100', method: str = 'cocoamix', seed: int = 1
     clip = get_clip(model, pretrained, device)
     cd = lambda sub: Path(cache_dir)/sub if cache_dir else None
     feats = lambda split, v=0: split_features(clip, split, n_views=v, cache_dir=cd('features'), progress=progress)
-    ds = load_dataset(dataset, root=data_root)
-    if base_shots: ds = few_shot_splits(ds, base_shots, seed, cache_dir=cd('fewshot'))
+    ds = load_dataset(dataset, root=data_root)   # CEC's index lists are found under its data root (fscil_sessions)
     sessions = fscil_sessions(ds, index_dir=index_dir, base_classes=base_classes, ways=ways, shots=fscil_shots,
-                              n_sessions=n_sessions, seed=seed)
+                              n_sessions=n_sessions, seed=seed, base_shots=base_shots)   # K-shot base drawn after the index files
+    if progress: print(f'FSCIL split: {sessions.source}')
     m = make_method(method, clip, dataset, fscil_shots, epoch_scale, 'fscil', seed=seed, template=ds.template, **config)
     accs = []
     for s in sessions:

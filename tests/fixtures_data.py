@@ -72,8 +72,11 @@ AIRCRAFT_ROWS = {'train': [('1000001', 'Boeing 737'), ('1000002', 'A300B4'), ('1
                  'test': [('1000006', 'F/A-18'), ('1000007', 'A300B4'), ('1000008', 'Boeing 737')]}
 
 
-def aircraft(root, variants=None):
+def aircraft(root, variants='sorted'):
+    """FGVC-Aircraft's own files. `variants`: the lines of variants.txt (default: the variant names sorted);
+    None writes no variants.txt (the real dataset always has one)."""
     d = Path(root) / 'fgvc_aircraft'
+    if variants == 'sorted': variants = sorted({v for rows in AIRCRAFT_ROWS.values() for _, v in rows})
     px = {}
     for part, rows in AIRCRAFT_ROWS.items():
         d.mkdir(parents=True, exist_ok=True)
@@ -114,11 +117,14 @@ def imagenet_a(root, wnids=('n01443537', 'n01491361')):
     return d
 
 
+IMAGENET_V2_DIR = 'imagenetv2-matched-frequency-format-val'   # KaiyangZhou/CoOp datasets/imagenetv2.py, DATASETS.md
+
+
 def imagenet_v2(root):
     d = Path(root) / 'imagenetv2'
     write_classnames(d / 'classnames.txt')
     for label in range(len(IMAGENET_WNIDS)):
-        write_png(d / 'imagenetv2-matched-frequency-f' / str(label) / 'a.jpeg', pixels(label, 0))
+        write_png(d / IMAGENET_V2_DIR / str(label) / 'a.jpeg', pixels(label, 0))
     return d
 
 

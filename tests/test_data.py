@@ -102,7 +102,7 @@ def test_ucf101_camelcase(tmp_path):
 def test_aircraft_variant_files(tmp_path):
     pix = fx.aircraft(tmp_path)
     ds = load_dataset('fgvc_aircraft', tmp_path)
-    assert ds.classnames == ['A300B4', 'Boeing 737', 'F/A-18']   # sorted without variants.txt
+    assert ds.classnames == ['A300B4', 'Boeing 737', 'F/A-18']   # the order of variants.txt (the fixture writes it sorted)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 1, 3)
     assert list(ds.train.labels) == [1, 0, 2, 0] and list(ds.test.labels) == [2, 0, 1]
     assert ds.test.items[0].endswith('fgvc_aircraft/images/1000006.jpg')
