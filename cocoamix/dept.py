@@ -4,19 +4,20 @@
 
 # %% ../nbs/22_dept.ipynb #a8a989a7
 from __future__ import annotations
-import dataclasses
+import dataclasses, warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .features import Features
 from .method import PromptMethod, param
 from .prompts import PromptLearner, clean_classname
-from .maple import MaPLe, MaPLeConfig
+from .maple import MaPLe, MaPLeConfig, encode_image_maple
 
 # %% auto #0
-__all__ = ['HEAD_MODULES', 'DePTConfig', 'FiLM', 'DePT']
+__all__ = ['HEAD_MODULES', 'DePTConfig', 'FiLM', 'raw_features', 'DePT']
 
 # %% ../nbs/22_dept.ipynb #d55b588a
 @dataclass
@@ -45,6 +46,13 @@ class FiLM(nn.Module):
 # %% ../nbs/22_dept.ipynb #dd782a6e
 HEAD_MODULES = ('film_image', 'film_text', 'head')   # DePT's own modules, trained at lr x head_lr_mult
 
+def raw_features(feats: Features) -> torch.Tensor:
+    "The image encoder's raw output, `feats.raw`; features built by hand without norms are taken as they are (with a warning)."
+    if feats.norms is not None: return feats.raw
+    warnings.warn("DePT: these features carry no norms, so its head sees them as given, not the encoder's raw output "
+                  "(features from split_features carry them)", stacklevel=3)
+    return feats.x
+
 class DePT(MaPLe):
     name = 'dept'
     Config = DePTConfig
@@ -67,21 +75,32 @@ class DePT(MaPLe):
         if self.config.base == 'maple': return super().text_features(classnames, normalize)
         return self.prompts[-1].text_features(classnames, normalize=normalize)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        "Raw image features [B, D] under MaPLe's prompts (base='maple'): the encoder's output before normalisation, which DePT's head sees."
+        return encode_image_maple(self.clip, images, self.vision_prompts(), normalize=False)
+
     def image_features(self, batch: torch.Tensor) -> torch.Tensor:
-        "Normalised image features of a training batch: MaPLe's prompted encoder on images, or the cached features as they are."
+        "Raw image features of a training batch: MaPLe's prompted encoder on images, or the batch of raw cached features as it is."
         return self.encode(batch) if self.config.base == 'maple' else batch
 
+    @torch.no_grad()
+    def eval_features(self, test: Features, split=None) -> torch.Tensor:
+        "Raw image features to score: MaPLe's prompted encoder output (base='maple'), or the cache's `x * norm`."
+        return super().eval_features(test, split) if self.needs_images else raw_features(test)
+
     def losses(self, classnames):
-        "`(batch, labels) -> 0.3 CE(cosine) + 0.7 CE(head on [FiLM'd text of the labels; FiLM'd images])`."
+        "`(raw batch, labels) -> 0.3 CE(cosine of the normalised features) + 0.7 CE(head on [FiLM'd raw text of the labels; FiLM'd raw images])`."
         c, e, base = self.config, self.extra, self.base_loss()
         def loss_fn(batch, y):
-            x, t = self.image_features(batch), self.text_features(classnames)
+            x, t = self.image_features(batch), self.text_features(classnames, normalize=False)   # raw, as the authors' _forward_feats
+            cos = self.scale() * F.normalize(x, dim=-1) @ F.normalize(t, dim=-1).T
             head = e['head'](torch.cat([e['film_text'](t[y]), e['film_image'](x)]))
-            return (1 - c.head_weight) * base(self.scale() * x @ t.T, y) + c.head_weight * F.cross_entropy(head, torch.cat([y, y]))
+            return (1 - c.head_weight) * base(cos, y) + c.head_weight * F.cross_entropy(head, torch.cat([y, y]))
         return loss_fn
 
     def fit(self, train, classnames=None, progress=True):
         if self.needs_images: self.require_images(train)
+        else: train = Features(raw_features(train), train.labels, train.classnames)   # the batches carry the raw cached features
         classnames, c = self.start_prompt(train, classnames), self.config
         e = self.ensure_modules()
         prompt = self.prompt_group([p for k, m in e.items() if k not in HEAD_MODULES for p in m.parameters()])  # MaPLe's modules, if any
@@ -97,9 +116,11 @@ class DePT(MaPLe):
 
     @torch.no_grad()
     def logits(self, image_features, classnames):
-        "Base classes (or a subset of them): (1-w) cosine + w head; any other class list: the cosine logits alone."
-        cos = super().logits(image_features, classnames)
+        """Raw `image_features` (from `eval_features`). Base classes (or a subset of them): (1-w) cosine of the normalised
+        features + w head on the raw ones; any other class list: the cosine logits alone."""
+        x = image_features.to(self.clip.device).float()
+        cos = super().logits(F.normalize(x, dim=-1), classnames)
         rows = self.head_rows(classnames)
         if rows is None: return cos
-        x, w = image_features.to(self.clip.device).float(), self.config.head_weight
+        w = self.config.head_weight
         return (1 - w) * cos + w * self.extra['head'](self.extra['film_image'](x))[:, rows]

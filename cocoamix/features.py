@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -32,23 +33,25 @@ def _feature_path(root: Path, clip: FrozenCLIP, split: Split, transform: str, vi
     return root/safe(clip.identity)/f'{safe(split.name) or "split"}-{transform}-v{view}-{digest}.safetensors', meta
 
 # %% ../nbs/03_features.ipynb #d696175e
-def _read(path: Path, meta: dict) -> torch.Tensor | None:
-    "The cached features if the file is complete and matches `meta`, else None."
+def _read(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "The cached (normalised features [N, D], norms [N]) if the file is complete, matches `meta` and keeps the norms, else None."
     if not path.is_file(): return None
     try:
         with safe_open(str(path), framework='pt') as f:
             stored = f.metadata() or {}
-            feats = f.get_tensor('features')
+            if 'norms' not in f.keys(): return None   # written before the norms were kept: encode it again
+            feats, norms = f.get_tensor('features'), f.get_tensor('norms')
     except Exception:  # torn or foreign file: rebuild it
         return None
-    if any(stored.get(k) != v for k, v in meta.items()) or stored.get('complete') != '1' or feats.shape[0] != int(meta['n']):
+    n = int(meta['n'])
+    if any(stored.get(k) != v for k, v in meta.items()) or stored.get('complete') != '1' or feats.shape[0] != n or norms.shape != (n,):
         return None
-    return feats
+    return feats, norms
 
-def _write(path: Path, feats: torch.Tensor, meta: dict):
+def _write(path: Path, feats: torch.Tensor, meta: dict, norms: torch.Tensor):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')  # unique across nodes too
-    save_file({'features': feats.contiguous()}, str(tmp), metadata={**meta, 'complete': '1'})
+    save_file({'features': feats.contiguous(), 'norms': norms.contiguous()}, str(tmp), metadata={**meta, 'complete': '1'})
     os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
 
 # %% ../nbs/03_features.ipynb #21cc391e
@@ -62,7 +65,7 @@ def _loader(split: Split, transform, batch_size: int, num_workers: int | None, d
     return torch.utils.data.DataLoader(ImageDataset(split, transform), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, generator=g, pin_memory=torch.device(device).type == 'cuda')
 
-MEMORY: dict = {}          # (path, mtime, size) -> features, for the life of the process (a worker runs many cells)
+MEMORY: dict = {}          # (path, mtime, size) -> (features, norms), for the life of the process (a worker runs many cells)
 MEMORY_ITEMS = 256
 
 def _memory_key(path: Path):
@@ -71,50 +74,68 @@ def _memory_key(path: Path):
     except OSError: return None
     return (str(path), st.st_mtime_ns, st.st_size)
 
-def _remember(path, feats: torch.Tensor) -> torch.Tensor:
+def _remember(path, stored: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if (key := _memory_key(path)) is not None:
         if len(MEMORY) >= MEMORY_ITEMS: MEMORY.pop(next(iter(MEMORY)))   # oldest first
-        MEMORY[key] = feats
-    return feats
+        MEMORY[key] = stored
+    return stored
+
+def _stored(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "(features, norms) from this process's memory or from the file, if either holds them."
+    if (key := _memory_key(path)) in MEMORY: return MEMORY[key]   # a warm process: this split was read or encoded already
+    stored = _read(path, meta)
+    return None if stored is None else _remember(path, stored)
 
 def image_features(clip: FrozenCLIP, split: Split, augment: bool = False, view: int = 0, cache_dir: str | Path | None = None,
-                   batch_size: int = 256, num_workers: int | None = None, progress: bool = True) -> torch.Tensor:
-    "Normalised image features [N, D] of `split` under the test transform, or view `view` of the training augmentation."
+                   batch_size: int = 256, num_workers: int | None = None, progress: bool = True,
+                   with_norms: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image features [N, D] of `split` under the test transform, or view `view` of the training augmentation;
+    with `with_norms`, also each feature's norm [N] before normalisation (the encoder's raw output is `x * norm[:, None]`)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     transform = ('train' if split.augment == 'coop' else f'train-{split.augment}') if augment else 'test'  # the key names the augmentation
     path, meta = _feature_path(root, clip, split, transform, view if augment else 0)
-    if (key := _memory_key(path)) in MEMORY: return MEMORY[key]   # a warm process: this split was read or encoded already
-    feats = _read(path, meta)
-    if feats is not None: return _remember(path, feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + '.lock'):
-        feats = _read(path, meta)  # another process may have finished it while we waited
-        if feats is not None: return feats
-        tf = split_train_transform(split, clip.image_size, clip.mean, clip.std) if augment else test_transform(clip.image_size, clip.mean, clip.std)
-        torch.manual_seed(1000 + view)  # the main-process RNG drives the random transforms when num_workers == 0
-        batches = _loader(split, tf, batch_size, num_workers, clip.device, seed=1000 + view)
-        desc = f'encoding {split.name or "split"} ({transform}{f" view {view}" if augment else ""})'
-        feats = clip.encode_images(tqdm(batches, desc=desc, disable=not progress, leave=False), batch_size=batch_size)
-        ENCODE_CALLS['n'] += 1
-        _write(path, feats, meta)
-        return _remember(path, feats)
+    stored = _stored(path, meta)
+    if stored is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + '.lock'):
+            stored = _read(path, meta)  # another process may have finished it while we waited
+            if stored is None:
+                tf = split_train_transform(split, clip.image_size, clip.mean, clip.std) if augment else test_transform(clip.image_size, clip.mean, clip.std)
+                torch.manual_seed(1000 + view)  # the main-process RNG drives the random transforms when num_workers == 0
+                batches = _loader(split, tf, batch_size, num_workers, clip.device, seed=1000 + view)
+                desc = f'encoding {split.name or "split"} ({transform}{f" view {view}" if augment else ""})'
+                raw = clip.encode_images(tqdm(batches, desc=desc, disable=not progress, leave=False), batch_size=batch_size, normalize=False)
+                stored = (F.normalize(raw, dim=-1), raw.norm(dim=-1))  # F.normalize is what open_clip's encode_image(normalize=True) does
+                ENCODE_CALLS['n'] += 1
+                _write(path, stored[0], meta, stored[1])
+            stored = _remember(path, stored)
+    return stored if with_norms else stored[0]
 
 # %% ../nbs/03_features.ipynb #20a19021
 @dataclass
 class Features:
-    "Cached image features of one split: `x` is [N, D] (test) or [V, N, D] (training views); labels [N]."
+    """Cached image features of one split: `x` is [N, D] (test) or [V, N, D] (training views), normalised; labels [N];
+    `norms` [N] or [V, N]: each feature's norm before normalisation (None for features built by hand without them)."""
     x: torch.Tensor
     labels: torch.Tensor
     classnames: list[str]
+    norms: torch.Tensor | None = None
 
     def __len__(self): return len(self.labels)
     @property
     def n_views(self) -> int: return self.x.shape[0] if self.x.dim() == 3 else 1
     def view(self, v: int = 0) -> torch.Tensor: return self.x[v] if self.x.dim() == 3 else self.x
+    @property
+    def raw(self) -> torch.Tensor:
+        "The image encoder's output before normalisation, `x * norms` (shape of `x`); an error if no norms were kept."
+        if self.norms is None: raise ValueError('these features carry no norms (built by hand?): the raw encoder output cannot be recovered')
+        return self.x * self.norms.unsqueeze(-1).to(self.x.dtype)
 
 def split_features(clip: FrozenCLIP, split: Split, n_views: int = 0, cache_dir=None, **kw) -> Features:
     "Features of a split: `n_views` augmented views [V, N, D] for training, or the test transform [N, D] if n_views == 0."
     labels = torch.as_tensor(split.labels, dtype=torch.long)
-    if n_views <= 0: return Features(image_features(clip, split, cache_dir=cache_dir, **kw), labels, list(split.classnames))
-    x = torch.stack([image_features(clip, split, augment=True, view=v, cache_dir=cache_dir, **kw) for v in range(n_views)])
-    return Features(x, labels, list(split.classnames))
+    if n_views <= 0:
+        x, norms = image_features(clip, split, cache_dir=cache_dir, with_norms=True, **kw)
+        return Features(x, labels, list(split.classnames), norms)
+    views = [image_features(clip, split, augment=True, view=v, cache_dir=cache_dir, with_norms=True, **kw) for v in range(n_views)]
+    return Features(torch.stack([x for x, _ in views]), labels, list(split.classnames), torch.stack([n for _, n in views]))

@@ -212,7 +212,7 @@ class Method:
         return torch.cat(out) if out else torch.empty(0, self.clip.embed_dim)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        "Normalised image features [B, D] under the method's image-side prompts (methods with `needs_images`)."
+        "The image features [B, D] the method scores, under its image-side prompts (methods with `needs_images`): normalised, or raw where the method needs raw ones (DePT)."
         raise NotImplementedError(f'{self.name} uses the frozen image features')
 
     def require_images(self, train) -> TrainImages:

@@ -116,9 +116,10 @@ def test_dept_training_batch_and_learning_rates(setup):
         seen['lrs'] = [g.lr for g in groups]
         seen['sizes'] = [sum(p.numel() for p in g.params) for g in groups]
         x, y = data.view(0)[:4], data.labels[:4]
+        assert torch.equal(x, train.raw[0][:4])   # the batches carry the raw cached features (Koorye/DePT trainers/elp_coop.py)
         e = d.extra
-        t = d.text_features(base.classnames)
-        expected = 0.3 * F.cross_entropy(d.scale() * x @ t.T, y) + 0.7 * F.cross_entropy(
+        t = d.text_features(base.classnames, normalize=False)   # raw text features into the head, normalised for the cosine
+        expected = 0.3 * F.cross_entropy(d.scale() * F.normalize(x, dim=-1) @ F.normalize(t, dim=-1).T, y) + 0.7 * F.cross_entropy(
             e['head'](torch.cat([e['film_text'](t[y]), e['film_image'](x)])), torch.cat([y, y]))
         assert torch.allclose(loss_fn(x, y), expected)
         return orig(loss_fn, groups, data, progress, desc, **hooks)
