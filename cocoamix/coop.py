@@ -15,9 +15,10 @@ from .method import Method, MethodConfig, PromptMethod, PromptConfig, param, aut
 from .prompts import PromptLearner
 
 # %% auto #0
-__all__ = ['KGCOOP_TEMPLATES', 'PROGRAD_TEMPLATES', 'ZeroShotCLIP', 'CoOpConfig', 'coop_epochs', 'coop_epochs_as_ours', 'CoOp',
-           'KgCoOpConfig', 'KgCoOp', 'kl_to_zero_shot', 'CoCoOpConfig', 'MetaNet', 'CoCoOp', 'ProGradConfig',
-           'template_prefix_context', 'prograd_gradient', 'ProGrad']
+__all__ = ['SCRIPT_SHOTS', 'KGCOOP_TEMPLATES', 'PROGRAD_TEMPLATES', 'PROGRAD_LAMBDA_08', 'ZeroShotCLIP', 'CoOpConfig',
+           'epochs_by_shots', 'coop_epochs', 'coop_epochs_as_ours', 'CoOp', 'KgCoOpConfig', 'KgCoOp', 'kl_to_zero_shot',
+           'CoCoOpConfig', 'MetaNet', 'CoCoOp', 'ProGradConfig', 'prograd_phrase', 'prograd_prompt_prefix',
+           'prograd_context_init', 'prograd_gradient', 'ProGrad']
 
 # %% ../nbs/09_coop.ipynb #fdfc2fbf
 class ZeroShotCLIP(Method):
@@ -34,18 +35,25 @@ class CoOpConfig(PromptConfig):
     ctx_init: str = param('a photo of a', 'peer', "CoCoOp's base-to-new CoOp config (vit_b16_ctxv1)")
     epochs: int = param(200, 'peer', "CoOp's scripts: 200 at 8-16 shots (see setting_defaults)", minimum=1)
 
+SCRIPT_SHOTS = (1, 2, 4, 8, 16)  # the shot counts the few-shot scripts of CoOp, ProGrad and DAPT run
+
+def epochs_by_shots(dataset: str | None, shots: int | None) -> int | None:
+    "The epoch rule the few-shot scripts of CoOp, ProGrad and DAPT share: 50 on ImageNet, else 50 at 1 shot, 100 at 2-4, 200 at 8-16."
+    if dataset == 'imagenet': return 50
+    if shots is None: return None
+    return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
 def coop_epochs(dataset: str | None, shots: int | None) -> tuple[int, str]:
-    "CoOp's epochs for a dataset and a number of shots (its scripts), with the rule in words."
-    if dataset == 'imagenet': return 50, "CoOp's scripts: 50 epochs on ImageNet"
-    if shots is None: return 200, "CoOp's scripts: 200 epochs at 8-16 shots"
-    if shots <= 1: return 50, "CoOp's scripts: 50 epochs at 1 shot"
-    if shots <= 4: return 100, "CoOp's scripts: 100 epochs at 2-4 shots"
-    return 200, "CoOp's scripts: 200 epochs at 8-16 shots"
+    "CoOp's epochs for a dataset and a number of shots (COOP.md, its few-shot runs of scripts/coop/main.sh), with the rule in words."
+    epochs = epochs_by_shots(dataset, 16 if shots is None else shots)
+    if dataset == 'imagenet': return epochs, "CoOp COOP.md: *_ep50 on ImageNet at every number of shots (50 epochs)"
+    return epochs, {50: "CoOp COOP.md: rn50_ep50 at 1 shot (50 epochs)", 100: "CoOp COOP.md: rn50_ep100 at 2-4 shots (100 epochs)",
+                    200: "CoOp COOP.md: rn50 at 8-16 shots (200 epochs)"}[epochs]
 
 def coop_epochs_as_ours(dataset: str | None, shots: int | None) -> dict:
     "CoOp's epoch rule as the `setting_defaults` of a method whose authors give none (our choice, tagged 'ours')."
     epochs, why = coop_epochs(dataset, shots)
-    return {'epochs': (epochs, 'ours', f"CoOp's rule: {why}")}
+    return {'epochs': (epochs, 'ours', f"ours: CoOp's epoch rule ({why})")}
 
 class CoOp(PromptMethod):
     name = 'coop'
@@ -53,7 +61,13 @@ class CoOp(PromptMethod):
     @classmethod
     def setting_defaults(cls, dataset=None, shots=None, protocol=None):
         epochs, why = coop_epochs(dataset, shots)
-        return {'epochs': (epochs, 'peer', why)}
+        if dataset == 'imagenet' or (protocol is None and (shots is None or shots in SCRIPT_SHOTS)):
+            return {'epochs': (epochs, 'peer', why)}          # CoOp's few-shot protocol, or ImageNet anywhere
+        if shots in (None, 16):                                # what CoCoOp's scripts run for CoOp
+            return {'epochs': (epochs, 'peer', "CoCoOp scripts/cocoop/base2new_train.sh, xd_train.sh: CoOp at 16 shots, vit_b16_ctxv1 (200 epochs)")}
+        if protocol is None: return {'epochs': (epochs, 'ours', f"ours: {shots} shots, interpolated by CoOp's few-shot rule ({why})")}
+        return {'epochs': (epochs, 'ours', f"ours: extrapolated from CoCoOp's scripts/cocoop/base2new_train.sh (CoOp at 16 shots only, "
+                                           f"vit_b16_ctxv1, 200 epochs) to {shots} shots by CoOp's few-shot rule ({why})")}
 
 # %% ../nbs/09_coop.ipynb #874a6da8
 KGCOOP_TEMPLATES = {'dtd': 'a photo of a {}, a type of texture.'}  # elsewhere KgCoOp's templates are CoOp's
@@ -145,26 +159,39 @@ class CoCoOp(PromptMethod):
             return torch.cat([self._logits(x[i:i + step], classnames).float() for i in range(0, len(x), step)])
 
 # %% ../nbs/09_coop.ipynb #7004c3eb
-PROGRAD_TEMPLATES = {  # ProGrad's teacher templates where they differ from CoOp's
+PROGRAD_TEMPLATES = {  # ProGrad's teacher templates (trainers/prograd.py CUSTOM_TEMPLATES) where they differ from CoOp's
     'oxford_pets': 'a type of pet, a photo of a {}.', 'oxford_flowers': 'a type of flower, a photo of a {}.',
     'fgvc_aircraft': 'a type of aircraft, a photo of a {}.', 'dtd': 'a texture of {}.', 'food101': 'a type of food, a photo of {}.'}
+PROGRAD_LAMBDA_08 = ('oxford_flowers', 'dtd', 'eurosat')  # README: lambda 0.8 for their 8- and 16-shot results
 
 @dataclass
 class ProGradConfig(PromptConfig):
     ctx_init: str = param('template', 'peer', "'template' = the teacher template's prefix in the last tokens, zeros before")
     epochs: int = param(100, 'peer', 'ProGrad rn50_ep100, its 4-shot base-to-new script', minimum=1)
-    prograd_lambda: float = param(1.0, 'peer', 'share of the conflicting component removed', minimum=0)
+    prograd_lambda: float = param(1.0, 'peer', 'share of the conflicting component removed (scripts/prograd.sh)', minimum=0)
     prograd_T: float = param(1.0, 'peer', 'temperature of the KL to zero-shot CLIP', minimum=0)
 
-def template_prefix_context(clip, template: str, n_ctx: int) -> torch.Tensor:
-    "ProGrad's init: the first `words` token embeddings of the template's prefix in the last context slots, zeros before."
-    phrase = template.split('{}')[0].strip()
-    words = len(phrase.split(' ')) if phrase else 0
+def prograd_phrase(template: str) -> tuple[str, int]:
+    "The phrase ProGrad initialises its context from (the template without ' {}.', `_` as spaces) and its number of words."
+    phrase = template[:-len(' {}.')] if template.endswith(' {}.') else template.split('{}')[0].strip()  # the latter: ours
+    phrase = phrase.replace('_', ' ')
+    return phrase, (len(phrase.split(' ')) if phrase else 0)
+
+def prograd_prompt_prefix(template: str, n_ctx: int) -> str:
+    "The authors' prompt text before the class name: `n_ctx - words` placeholders, then the phrase."
+    phrase, words = prograd_phrase(template)
     if words > n_ctx: raise ValueError(f'ProGrad: n_ctx={n_ctx} is shorter than the prefix {phrase!r} ({words} words)')
+    return ' '.join(['X'] * (n_ctx - words) + ([phrase] if phrase else []))
+
+def prograd_context_init(clip, template: str, n_ctx: int) -> tuple[torch.Tensor, str]:
+    """ProGrad's init (Prompt-align, trainers/prograd.py): the first `words` token embeddings of the phrase in the last
+    `words` context slots, zeros before; and the prompt prefix text, whose tokens beyond the context stay frozen."""
+    prefix = prograd_prompt_prefix(template, n_ctx)
+    phrase, words = prograd_phrase(template)
     ctx = torch.zeros(n_ctx, clip.text_width, device=clip.device)
     if words:
         with torch.no_grad(): ctx[n_ctx - words:] = clip.token_embedding(clip.tokenize([phrase]))[0, 1:1 + words].float()
-    return ctx
+    return ctx, prefix
 
 # %% ../nbs/09_coop.ipynb #f24259ed
 def prograd_gradient(g_d: torch.Tensor, g_g: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
@@ -179,15 +206,40 @@ class ProGrad(PromptMethod):
 
     @classmethod
     def setting_defaults(cls, dataset=None, shots=None, protocol=None):
-        return {'template': (PROGRAD_TEMPLATES[dataset], 'peer', "ProGrad's teacher template")} if dataset in PROGRAD_TEMPLATES else {}
+        out = {}
+        if dataset in PROGRAD_TEMPLATES: out['template'] = (PROGRAD_TEMPLATES[dataset], 'peer', "ProGrad's teacher template (trainers/prograd.py)")
+        epochs = epochs_by_shots(dataset, shots)
+        if epochs is not None:
+            rule = ('ProGrad README.md: rn50_ep50 at 1 shot, rn50_ep100 at 2-4 shots, rn50 (200) at 8-16 shots, _ep50 on ImageNet; '
+                    'scripts/base2new_train_prograd.sh: 4 shots, rn50_ep100')
+            ran = dataset == 'imagenet' or (protocol is None and shots in SCRIPT_SHOTS) or (protocol == 'base2new' and shots == 4)
+            out['epochs'] = (epochs, 'peer', rule) if ran else (epochs, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+        if dataset in PROGRAD_LAMBDA_08 and shots is not None and shots >= 8:
+            rule = 'ProGrad README.md: lambda 0.8 for the 8- and 16-shot results on Flowers102, DTD and EuroSAT (scripts/prograd.sh: 1.0)'
+            ran = protocol is None and shots in (8, 16)
+            out['prograd_lambda'] = (0.8, 'peer', rule) if ran else (0.8, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+        return out
 
     def new_prompt(self, classnames) -> PromptLearner:
         c = self.config
         if c.ctx_init != 'template': return super().new_prompt(classnames)
-        p = PromptLearner(self.clip, n_ctx=c.n_ctx, position=c.position, csc=c.csc, classnames=classnames)
-        ctx = template_prefix_context(self.clip, c.template, c.n_ctx)
+        ctx, prefix = prograd_context_init(self.clip, c.template, c.n_ctx)
+        p = PromptLearner(self.clip, n_ctx=c.n_ctx, position=c.position, csc=c.csc, classnames=classnames, prompt_prefix=prefix)
         p.ctx.data.copy_(ctx.expand_as(p.ctx) if c.csc else ctx)
         return p
+
+    @torch.no_grad()
+    def prompt_logits(self, image_features, classnames):
+        "PromptMethod's, after giving a prompt rebuilt by `load_method` (which knows no prompt prefix) its frozen template words back."
+        c = self.config
+        if c.ctx_init == 'template':
+            for i, p in enumerate(self.prompts):
+                prefix = prograd_prompt_prefix(c.template, p.n_ctx)
+                if p.prompt_prefix != prefix:
+                    q = PromptLearner(self.clip, n_ctx=p.n_ctx, position=p.position, csc=p.csc, classnames=p.classnames, prompt_prefix=prefix)
+                    q.ctx.data.copy_(p.ctx.data)
+                    self.prompts[i] = q
+        return super().prompt_logits(image_features, classnames)
 
     def losses(self, classnames):
         "`(x, y) -> (CE loss, KL-to-zero-shot loss)` of the newest prompt."

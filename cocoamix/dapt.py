@@ -17,10 +17,11 @@ from .backbone import FrozenCLIP
 from .data import Split, ImageDataset, test_transform
 from .features import Features
 from .method import PromptMethod, PromptConfig, TrainImages, param, autocast
+from .coop import SCRIPT_SHOTS, epochs_by_shots
 
 # %% auto #0
 __all__ = ['DAPT_DATASET_DEFAULTS', 'DAPTConfig', 'encode_image_prompted', 'VisualPrompts', 'intra_dispersion',
-           'inter_dispersion', 'class_prototypes', 'DAPT']
+           'inter_dispersion', 'one_view_per_image', 'class_prototypes', 'DAPT']
 
 # %% ../nbs/10_dapt.ipynb #c417ad11
 DAPT_DATASET_DEFAULTS = {  # the peer's configs/datasets/*.yaml: (lr, beta_v, beta_t)
@@ -32,7 +33,7 @@ DAPT_DATASET_DEFAULTS = {  # the peer's configs/datasets/*.yaml: (lr, beta_v, be
 
 @dataclass
 class DAPTConfig(PromptConfig):
-    epochs: int = param(200, 'peer', 'DAPT vit_b16', minimum=1)
+    epochs: int = param(200, 'peer', 'DAPT vit_b16 (8-16 shots; by shots: setting_defaults)', minimum=1)
     lr: float = param(0.002, 'ours', 'where the peer has no per-dataset lr (its table: setting_defaults)', minimum=0)
     n_vctx: int = param(16, 'peer', 'visual prompt tokens after the image CLS token', minimum=1)
     beta_v: float = param(0.1, 'ours', 'intra-class dispersion weight where the peer has no per-dataset value', minimum=0)
@@ -74,12 +75,18 @@ def inter_dispersion(text_features: torch.Tensor, t: float = 2.0) -> torch.Tenso
     "`mean_{i<j} exp(−t ||g_i − g_j||²)`: RBF uniformity of the class text features (small when they are spread)."
     return torch.pdist(text_features.float(), p=2).pow(2).mul(-t).exp().mean()
 
+def one_view_per_image(features: torch.Tensor, seed: int) -> torch.Tensor:
+    "One cached augmented view of each image [N, D], drawn under `seed` from [V, N, D] (one random training crop each); [N, D] as is."
+    if features.dim() == 2: return features
+    pick = torch.randint(features.shape[0], (features.shape[1],), generator=torch.Generator().manual_seed(seed))
+    return features[pick, torch.arange(features.shape[1])]
+
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    "Mean of the normalised frozen features of each class [C, D]; `features` [N, D] or [V, N, D] (views averaged too)."
-    x = F.normalize(features.float(), dim=-1)
-    if x.dim() == 3: x, labels = x.reshape(-1, x.shape[-1]), labels.repeat(features.shape[0])
-    protos = torch.zeros(n_classes, x.shape[-1]).index_add_(0, labels, x)
-    return protos / torch.bincount(labels, minlength=n_classes).clamp_min(1).unsqueeze(1).float()
+    "The peer's prototypes [C, D]: the mean of each class's normalised frozen features [N, D] (one per image), not renormalised."
+    if features.dim() != 2: raise ValueError(f'class_prototypes takes one feature per image [N, D], got {tuple(features.shape)}: pick a view first')
+    x = F.normalize(features.float(), dim=-1).cpu()
+    protos = torch.zeros(n_classes, x.shape[-1]).index_add_(0, labels.cpu(), x)
+    return protos / torch.bincount(labels.cpu(), minlength=n_classes).clamp_min(1).unsqueeze(1).float()
 
 class DAPT(PromptMethod):
     name = 'dapt'
@@ -88,9 +95,16 @@ class DAPT(PromptMethod):
 
     @classmethod
     def setting_defaults(cls, dataset=None, shots=None, protocol=None):
-        if dataset not in DAPT_DATASET_DEFAULTS: return {}
-        why = f"DAPT configs/datasets/{dataset}.yaml"
-        return dict(zip(('lr', 'beta_v', 'beta_t'), ((v, 'peer', why) for v in DAPT_DATASET_DEFAULTS[dataset])))
+        out = {}
+        if dataset in DAPT_DATASET_DEFAULTS:
+            why = f"DAPT configs/datasets/{dataset}.yaml"
+            out = dict(zip(('lr', 'beta_v', 'beta_t'), ((v, 'peer', why) for v in DAPT_DATASET_DEFAULTS[dataset])))
+        epochs = epochs_by_shots(dataset, shots)
+        if epochs is not None:
+            rule = 'DAPT scripts/main.sh: vit_b16_ep50 on ImageNet and at 1 shot, vit_b16_ep100 at 2-4 shots, vit_b16 (200) at 8-16 shots'
+            ran = dataset == 'imagenet' or (protocol is None and shots in SCRIPT_SHOTS)
+            out['epochs'] = (epochs, 'peer', rule) if ran else (epochs, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+        return out
 
     def make_modules(self):
         v = _check_vit(self.clip)
@@ -105,10 +119,11 @@ class DAPT(PromptMethod):
         self.require_images(train)
         classnames, c = self.start_prompt(train, classnames), self.config
         extra, prompt, base = self.ensure_modules(), self.prompts[-1], self.base_loss()
-        if train.features is not None: frozen = train.features.x
-        else:  # no cache given: one pass of the frozen encoder over the shots with the test transform
-            frozen = self.clip.encode_images(torch.utils.data.DataLoader(ImageDataset(train.split, test_transform(
-                self.clip.image_size, self.clip.mean, self.clip.std)), batch_size=self.eval_batch_size))
+        if train.features is not None: frozen = one_view_per_image(train.features.x, c.seed)   # one cached training crop per shot
+        else:  # no cache given: one pass of the frozen encoder over the shots, one seeded random crop of the training transform each
+            torch.manual_seed(c.seed)
+            frozen = self.clip.encode_images(torch.utils.data.DataLoader(ImageDataset(train.split, train.transform),
+                                                                         batch_size=self.eval_batch_size, num_workers=0))
         self.prototypes = class_prototypes(frozen, train.labels, len(classnames)).to(self.clip.device)
         def loss_fn(images, y):
             f = self.encode(images)

@@ -79,7 +79,8 @@ class PromptLearner(nn.Module):
     "CoOp's learned context; `forward(classnames)` returns the token embeddings [C, 77, W] and EOT positions [C]."
     def __init__(self, clip: FrozenCLIP, n_ctx: int = 16, init: str | None = None, position: str = 'end',
                  csc: bool = False, classnames: list[str] | None = None, init_std: float = 0.02,
-                 shared_prefix: bool = True, truncate: bool = True, grad_checkpointing: bool = False):
+                 shared_prefix: bool = True, truncate: bool = True, grad_checkpointing: bool = False,
+                 prompt_prefix: str | None = None):
         super().__init__()
         if position not in ('end', 'middle', 'front'):
             raise ValueError(f"position must be 'end', 'middle' or 'front', got {position!r}")
@@ -99,18 +100,29 @@ class PromptLearner(nn.Module):
             ctx = torch.empty(shape, device=clip.device).normal_(0, init_std)
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(ctx.float())
+        # the text in front of the class name; the context replaces its first n_ctx tokens, the rest stay frozen
+        self.prompt_prefix = prompt_prefix if prompt_prefix is not None else ' '.join(['X'] * n_ctx)
+        self.n_frozen = int(clip.eot_index(clip.tokenize([self.prompt_prefix]))[0]) - 1 - n_ctx
+        if self.n_frozen < 0: raise ValueError(f'prompt_prefix {self.prompt_prefix!r} has fewer tokens than the {n_ctx} context slots')
+        if self.n_frozen and position != 'end': raise ValueError("frozen prefix tokens (ProGrad's init) need the class token at the end")
         self._cache: dict = {}
 
     def _frozen_tokens(self, classnames: tuple[str, ...]):
         "Embeddings of `[SOS] X…X name . [EOT] pad`, EOT positions and the layout permutation, once per class list."
         key = (classnames, self.clip.device)
         if key not in self._cache:
-            texts = [' '.join(['X'] * self.n_ctx + [name]) + '.' for name in classnames]
+            texts = [f'{self.prompt_prefix} {name}.' for name in classnames]  # CoOp's `prompt_prefix + " " + name + "."`
             tokens = self.clip.tokenize(texts)
             with torch.no_grad(): emb = self.clip.token_embedding(tokens).float()
             encode = getattr(self.clip.tokenizer, 'encode', None) or __import__('open_clip').tokenizer._tokenizer.encode
-            self._cache[key] = (emb, self.clip.eot_index(tokens), self._layout([len(encode(n)) for n in classnames], tokens))
-        return self._cache[key]
+            self._cache[key] = (emb, self.clip.eot_index(tokens), self._layout([len(encode(n)) for n in classnames], tokens), tokens)
+        return self._cache[key][:3]
+
+    def token_ids(self, classnames: list[str]) -> torch.Tensor:
+        "The token ids [C, 77] behind `forward`: the context replaces positions 1..n_ctx, every other position is embedded as is."
+        names = tuple(clean_classname(c) for c in classnames)
+        self._frozen_tokens(names)
+        return self._cache[(names, self.clip.device)][3]
 
     def _layout(self, name_lens: list[int], tokens: torch.Tensor) -> torch.Tensor | None:
         "Per class, the positions of the `end` layout `[SOS, ctx, name, rest]` that make up the `middle`/`front` layout."
@@ -149,7 +161,8 @@ class PromptLearner(nn.Module):
         truncate = self.truncate if truncate is None else truncate
         if truncate and self.uses_shared_prefix:
             emb, eot, _ = self._frozen_tokens(tuple(clean_classname(c) for c in classnames))
-            prefix = torch.cat([emb[0, :1], self.ctx.to(emb.dtype)])  # [SOS] v_1..v_M, the same for every class
-            return encode_text_shared_prefix(self.clip, prefix, emb[:, 1 + self.n_ctx:], eot, normalize, self.grad_checkpointing)
+            P = 1 + self.n_ctx + self.n_frozen  # [SOS] v_1..v_M and any frozen prefix tokens: the same for every class
+            prefix = torch.cat([emb[0, :1], self.ctx.to(emb.dtype), emb[0, 1 + self.n_ctx:P]])
+            return encode_text_shared_prefix(self.clip, prefix, emb[:, P:], eot, normalize, self.grad_checkpointing)
         emb, eot = self(classnames)
         return self.clip.encode_text_embeddings(emb, eot, truncate=truncate, normalize=normalize)

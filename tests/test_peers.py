@@ -55,9 +55,9 @@ def test_dapt_dispersion_losses_match_their_formulas():
     assert inter_dispersion(text, t=2.0).item() == pytest.approx(expected, rel=1e-5)
     f, p = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     assert intra_dispersion(f, p).item() == pytest.approx(float(((f - p) ** 2).sum(1).mean() / 16), rel=1e-5)
-    feats, labels = torch.randn(2, 6, 16, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
+    feats, labels = torch.randn(6, 16, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])  # one feature per image (DAPT's one crop per shot)
     protos = class_prototypes(feats, labels, 3)
-    torch.testing.assert_close(protos[1], F.normalize(feats, dim=-1)[:, 2:4].reshape(-1, 16).mean(0))
+    torch.testing.assert_close(protos[1], F.normalize(feats, dim=-1)[2:4].mean(0))
 
 
 # --- ContCoOp -------------------------------------------------------------------------------------------------------
