@@ -25,11 +25,15 @@ def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='cocoamix run', description='Run (or resume) an experiment grid through papermill.')
     p.add_argument('experiment', nargs='?', default='base2new', help=f'one of: {", ".join(EXPERIMENTS)} (default base2new)')
     p.add_argument('--list', action='store_true', help='list the experiments and their parameters, then exit')
-    p.add_argument('--datasets', nargs='+', help='datasets (default: built-in data offline, the paper\'s with --data-root)')
+    p.add_argument('--datasets', nargs='+', help='datasets (default: the experiment\'s grid: the world\'s datasets; the built-in data with '
+                   'COCOAMIX_OFFLINE=builtin; the paper\'s with --data-root; --list shows them)')
     p.add_argument('--methods', nargs='+', help='methods or ablation settings to run, or all (default: the experiment\'s main ones)')
     p.add_argument('--seeds', nargs='+', type=int)
-    p.add_argument('--model', help='open_clip architecture, e.g. ViT-B-16 (default: the tiny built-in one)')
-    p.add_argument('--pretrained', help='hub tag (e.g. openai), path to a weights file, or none')
+    p.add_argument('--model', help='open_clip architecture, e.g. ViT-B-16 (default: the experiment\'s grid: cocoamix-world, the world model '
+                   'with its committed weights; the tiny random-weight cocoamix-tiny with COCOAMIX_OFFLINE=builtin, with --data-root, '
+                   'and for cross_version; --list shows each)')
+    p.add_argument('--pretrained', help='hub tag (e.g. openai), path to a weights file, world (the committed world model, '
+                   'data/world/world_model.safetensors, with --model cocoamix-world), or none (random weights)')
     p.add_argument('--data-root', help='folder holding the datasets in the CoOp layout (data/README.md)')
     p.add_argument('--shots', type=int); p.add_argument('--epochs', type=int)
     p.add_argument('--cache-dir', help='feature and few-shot cache (default ~/.cache/cocoamix or $COCOAMIX_CACHE)')
@@ -43,9 +47,22 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 def list_experiments() -> None:
+    "Each experiment: what it reproduces, its settings, its grids (datasets and model, which one runs by default) and its parameters."
+    from cocoamix.runner import offline_grid
+    default = offline_grid()
     for name, exp in EXPERIMENTS.items():
         print(f'{name}: {exp.paper}\n  settings: {", ".join(exp.settings)}')
         params = cell_parameters(name)
+        grids = [('world grid', exp.world, 'the default' if default == 'world' else 'with COCOAMIX_OFFLINE=world'),
+                 ('built-in grid', exp.offline, 'the default' if default == 'builtin' or not exp.world else
+                  'with COCOAMIX_OFFLINE=builtin, or a --model other than cocoamix-world'),
+                 ('paper grid', exp.paper_grid, 'with --data-root')]
+        for label, grid, when in grids:
+            if not grid: continue
+            sets, p = list(grid['datasets']), {**params, **grid.get('params', {})}
+            targets = f"; {len(p['targets'])} target{'' if len(p['targets']) == 1 else 's'} ({', '.join(p['targets'])})" if 'targets' in p else ''
+            print(f"  {label} ({when}): {len(sets)} dataset{'' if len(sets) == 1 else 's'} ({', '.join(sets)}){targets}; "
+                  f"model {p['model']} / {p['pretrained']}" + (' unless --model / --pretrained' if label == 'paper grid' else ''))
         print('  parameters: ' + ', '.join(f'{k}={v!r}' for k, v in params.items()) + '\n')
 
 def run_main(argv=None) -> int:
@@ -54,6 +71,11 @@ def run_main(argv=None) -> int:
     params = {k: v for k, v in dict(model=a.model, pretrained=a.pretrained, data_root=a.data_root, shots=a.shots,
                                      epochs=a.epochs, cache_dir=a.cache_dir).items() if v is not None}
     params.update(dict(a.param))
+    if params.get('pretrained') not in (None, 'world'):
+        from cocoamix.protocols import is_world_weights
+        if is_world_weights(params['pretrained']):   # the committed world file: the same model and cells as --pretrained world
+            print(f"cocoamix run: {params['pretrained']} is the committed world model: running as --pretrained world", file=sys.stderr)
+            params['pretrained'] = 'world'
     settings = a.methods or None  # ['all'] selects every method or setting of the experiment
     code = {'signal': 130}
     def terminate(signum, frame):  # SIGTERM ends like Ctrl-C: one line, exit 143

@@ -32,7 +32,9 @@ class CoCoAMixConfig(PromptConfig):
     stages: int = param(2, 'paper', 'appendix D.1: joint optimisation is unstable for K >= 2', choices=(1, 2))
     out_classes: str = param('words', 'paper', 'random words (wonderwords) or random strings', choices=('words', 'strings'))
     d: float = param(0.5, 'ours', 'entropy-hinge margin (nats)', minimum=0)
-    weights_epochs: int = param(50, 'ours', 'stage-2 epochs', minimum=1)
+    weights_epochs: int = param(50, 'ours', 'stage-2 epochs (one SGD step each with the full batch)', minimum=1)
+    weights_batch_size: int = param(0, 'ours', 'stage-2 batch over all cached views of all images; 0 = one full batch', minimum=0)
+    outclass_seed: int = param(-1, 'ours', 'seed of the out-class draw; -1 = the training seed (session k: seed + 1000 k)', minimum=-1)
     weights_lr: float = param(0.1, 'ours', 'SGD on the weights (the paper: SGD)', minimum=0)
     weights_momentum: float = param(0.9, 'ours', '', minimum=0)
 
@@ -41,16 +43,44 @@ class CoCoAMix(PromptMethod):
     name = 'cocoamix'
     Config = CoCoAMixConfig
 
+    def __init__(self, clip, config=None, **overrides):
+        super().__init__(clip, config, **overrides)
+        self.out_class_draws: list[dict] = []   # every out-class set drawn, with its seed (recorded in metrics.json)
+        self.weights_steps: list[int] = []      # stage-2 SGD steps of each session
+
     @classmethod
     def setting_defaults(cls, dataset=None, shots=None, protocol=None):
         if protocol in (None, 'base2new'): return {}
         return {'epochs': (10, 'ours', 'prompt epochs outside base-to-new (METHOD.md)')}
 
+    def outclass_draw_seed(self, session: int) -> int:
+        "The seed of session `session`'s out-class draw (1 = the first prompt): `outclass_seed` (or `seed`) + 1000 session."
+        c = self.config
+        return (c.seed if c.outclass_seed < 0 else c.outclass_seed) + 1000 * session
+
     def out_classes(self, classnames) -> list[str]:
-        "A fresh seeded out-class set as large as `classnames`, avoiding every class name seen so far."
+        "A fresh seeded out-class set as large as `classnames`, avoiding every class name seen so far (recorded)."
         c = self.config
         known = [n for d in self.domains for n in d] + list(classnames)
-        return out_class_names(len(classnames), kind=c.out_classes, seed=c.seed + 1000 * len(self.prompts), exclude=known)
+        seed = self.outclass_draw_seed(len(self.prompts))
+        words = out_class_names(len(classnames), kind=c.out_classes, seed=seed, exclude=known)
+        self.out_class_draws.append({'prompt': f't_{len(self.prompts)}', 'kind': c.out_classes, 'seed': seed, 'words': words})
+        return words
+
+    def run_record(self) -> dict:
+        "What a cell records beside its accuracies: the out-class words drawn, the weights the mixture applies, the stage-2 steps."
+        c = self.config
+        note = ("per prompt t_i: 'in_domain' = its weight on the classes it was trained on (None for t_0, which has none), "
+                "'out_of_domain' = its weight on a class in no learned prompt's domain (base-to-new: the new classes), "
+                "'on_classes_of' = its weight on each learned prompt's classes (t_0 on t_1's: t_0's share on the base classes); "
+                'softmax over the prompts, each class domain sums to 1')
+        mixed = c.mixing != 'none' and self.weights is not None
+        return {'out_classes': self.out_class_draws[-1]['words'] if self.out_class_draws else [],
+                'out_class_draws': self.out_class_draws,
+                'outclass_seed': c.seed if c.outclass_seed < 0 else c.outclass_seed,
+                'mixture_weights': self.weights.applied() if mixed else None,
+                'mixture_weights_note': note if mixed else "mixing='none': the learned prompt alone, no mixture",
+                'weights_steps': self.weights_steps}
 
     def grow_weights(self) -> MixtureWeights:
         "Mixture weights for t_0 and every prompt so far; the scalars fitted in earlier sessions are kept."
@@ -80,7 +110,7 @@ class CoCoAMix(PromptMethod):
 
     def _fit(self, train, classnames, progress):
         c = self.config
-        out_names = self.out_classes(classnames)
+        out_names = self.out_classes(classnames) if c.mixing == 'coa_weights' else []   # only CoA-weights uses them
         mask = in_domain_mask([set()] + [set(d) for d in self.domains], classnames).to(self.clip.device)
         prompt_objective = self.prompt_objective(classnames)
         if c.mixing == 'coa_weights' and c.stages == 1:
@@ -100,8 +130,9 @@ class CoCoAMix(PromptMethod):
         self.history['prompt'] = self.optimise(prompt_objective, [self.prompt_group()], train, progress, 'cocoamix stage 1')
         if c.mixing == 'coa_weights':
             lin, y, lout = self._weights_inputs(train, classnames, out_names)
-            self.history['weights'] = fit_coa_weights(self.weights, lin, y.to(lin.device), mask, lout, d=c.d, epochs=c.weights_epochs,
-                                                      lr=c.weights_lr, momentum=c.weights_momentum, seed=c.seed)['loss']
+            fitted = fit_coa_weights(self.weights, lin, y.to(lin.device), mask, lout, d=c.d, epochs=c.weights_epochs, lr=c.weights_lr,
+                                     momentum=c.weights_momentum, batch_size=c.weights_batch_size or None, seed=c.seed)
+            self.history['weights'] = fitted['loss']; self.weights_steps.append(sum(fitted['steps']))
 
     def logits(self, image_features, classnames):
         l = self.prompt_logits(image_features, classnames)

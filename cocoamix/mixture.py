@@ -28,7 +28,7 @@ class MixtureWeights(nn.Module):
         self.a_out = nn.Parameter(torch.zeros(n_prompts))
 
     def pi_in(self) -> torch.Tensor:
-        "Softmax over prompts of `a_in` `[P]` (a summary: `a_in[0]` is unused, `t_0` is never in domain)."
+        "Softmax over prompts of `a_in` `[P]`: a summary, not an applied weight (`a_in[0]` is unused); see `applied`."
         return self.a_in.softmax(0)
 
     def pi_out(self) -> torch.Tensor:
@@ -53,6 +53,21 @@ class MixtureWeights(nn.Module):
         return (self.weights(in_domain).to(logits.dtype)[:, None, :] * logits).sum(0)
 
     forward = mix
+
+    @torch.no_grad()
+    def domain_weights(self) -> torch.Tensor:
+        "`[P, P]`: row 0 the weights on a class in no learned prompt's domain (`softmax(a_out)`); row k on a class of `Y_k` alone."
+        a = self.a_out.detach().expand(self.n_prompts, -1).clone()
+        k = torch.arange(1, self.n_prompts)
+        a[k, k] = self.a_in.detach()[1:]   # prompt k at its in scalar on its own classes, every other prompt at its out scalar
+        return a.softmax(1)
+
+    def applied(self) -> list[dict]:
+        "Per prompt: its weight on its own classes (`in_domain`, None for t_0), on a class in no domain, on each prompt's classes."
+        W, a_in, a_out = self.domain_weights().tolist(), self.a_in.tolist(), self.a_out.tolist()
+        return [{'prompt': f't_{i}', 'in_domain': None if i == 0 else W[i][i], 'out_of_domain': W[0][i],
+                 'on_classes_of': {f't_{k}': W[k][i] for k in range(1, self.n_prompts)},
+                 'a_in': None if i == 0 else a_in[i], 'a_out': a_out[i]} for i in range(self.n_prompts)]
 
     naive_mix = staticmethod(naive_mix)
 
@@ -97,21 +112,23 @@ def fit_coa_weights(weights: MixtureWeights, logits_in: torch.Tensor, labels: to
                     logits_out: torch.Tensor | None, d: float = 0.5, epochs: int = 50, lr: float = 0.1,
                     momentum: float = 0.9, batch_size: int | None = None, seed: int = 0,
                     scale_t0: bool = False) -> dict:
-    "Fit `weights` in place with SGD on the CoA-weights objective; returns the per-epoch history of 'loss', 'ce', 'ent'."
+    "Fit `weights` in place with SGD on the CoA-weights objective (`batch_size` None or 0: full batch); per-epoch 'loss', 'ce', 'ent' and SGD 'steps'."
     logits_in, labels = logits_in.detach(), labels.detach()
     logits_out = None if logits_out is None else logits_out.detach()
     n = labels.shape[0]
+    if batch_size == 0: batch_size = None
+    if batch_size is not None and batch_size < 1: raise ValueError(f'batch_size must be None or 0 (full batch) or >= 1, got {batch_size}')
     if logits_in.shape[1] != n: raise ValueError(f'logits_in has {logits_in.shape[1]} samples, labels {n}')
     if batch_size is not None and logits_out is not None and logits_out.shape[1] != n:
         raise ValueError('mini-batches index the in- and out-class logits of the same images: '
                          f'logits_out has {logits_out.shape[1]} samples, logits_in {n}')
     opt = torch.optim.SGD(weights.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
-    hist = {'loss': [], 'ce': [], 'ent': []}
+    hist = {'loss': [], 'ce': [], 'ent': [], 'steps': []}
     for _ in range(epochs):
         order = torch.arange(n) if batch_size is None else torch.randperm(n, generator=gen)
         batches = [order] if batch_size is None else order.split(batch_size)
-        sums = {k: 0.0 for k in hist}
+        sums = {k: 0.0 for k in ('loss', 'ce', 'ent')}
         for idx in batches:
             full = batch_size is None  # no indexing: the whole (precomputed) set is the batch
             idx = idx.to(logits_in.device)
@@ -123,7 +140,8 @@ def fit_coa_weights(weights: MixtureWeights, logits_in: torch.Tensor, labels: to
             loss = ce + ent
             opt.zero_grad(); loss.backward(); opt.step()
             for k, v in (('loss', loss), ('ce', ce), ('ent', ent)): sums[k] += v.item() * len(idx) / n
-        for k in hist: hist[k].append(sums[k])
+        for k in ('loss', 'ce', 'ent'): hist[k].append(sums[k])
+        hist['steps'].append(len(batches))   # SGD steps of the epoch
     return hist
 
 # %% ../nbs/05_mixture.ipynb #4dde3c74

@@ -8,10 +8,11 @@ import json, math, os, tempfile
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 
 from .backbone import load_clip, FrozenCLIP, TINY_MODEL, TINY_CONFIG, register_tiny_model
-from .world import WORLD_MODEL, WORLD_WEIGHTS_SHA, load_world_clip, world_weights  # also registers the world's datasets
+from .world import WORLD_MODEL, WORLD_WEIGHTS_SHA, load_world_clip, world_weights, weights_hash, register_world_model  # also registers the world's datasets
 from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, split_train_transform
 from .features import split_features, Features
 from dataclasses import asdict
@@ -21,8 +22,9 @@ from .registry import make_method, load_method
 from .metrics import accuracy, harmonic_mean, transfer_hm, confusable_pairs_resolved, per_class_accuracy, confusion_matrix, confusion_summary
 
 # %% auto #0
-__all__ = ['TINY_V2_MODEL', 'TINY_V2_CONFIG', 'PROTOCOLS', 'resolve_device', 'get_clip', 'is_pipeline_check', 'evaluate',
-           'resolved', 'train_data', 'run_base2new', 'run_transfer', 'run_fscil', 'run_cross_version', 'evaluate_state']
+__all__ = ['TINY_V2_MODEL', 'TINY_V2_CONFIG', 'PROTOCOLS', 'resolve_device', 'is_world_weights', 'check_model', 'get_clip',
+           'is_pipeline_check', 'evaluate', 'resolved', 'train_data', 'run_base2new', 'run_transfer', 'run_fscil',
+           'run_cross_version', 'evaluate_state']
 
 # %% ../nbs/14_protocols.ipynb #7824773d
 _CLIPS: dict = {}
@@ -34,14 +36,44 @@ register_tiny_model(TINY_V2_MODEL, TINY_V2_CONFIG)
 def resolve_device(device: str = 'auto') -> str:
     return ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
 
+def _weights_file(pretrained) -> Path | None:
+    "The weights file `pretrained` names, if it names one (not a hub tag, 'world' or none)."
+    if pretrained in (None, '', 'none', 'None', 'world'): return None
+    p = str(pretrained)
+    return Path(p).expanduser() if os.sep in p or p.startswith('.') or Path(p).suffix in ('.pt', '.pth', '.bin', '.safetensors') else None
+
+def is_world_weights(pretrained) -> bool:
+    "True for `'world'` and for a path to the committed world weights (the same file, by its hash)."
+    if pretrained == 'world': return True
+    path = _weights_file(pretrained)
+    return path is not None and path.suffix == '.safetensors' and path.is_file() and weights_hash(path) == WORLD_WEIGHTS_SHA
+
+def check_model(model, pretrained, flags: tuple = ('--model', '--pretrained')) -> None:
+    "Refuse, without loading any weights, a model and weights that no cell could load together (one message)."
+    register_tiny_model(); register_world_model()   # ours, known by name in every process (TINY_V2 at import)
+    if not isinstance(model, str) or model not in open_clip.list_models():
+        raise ValueError(f'{flags[0]} {model}: unknown open_clip architecture. Ours: {WORLD_MODEL} (the world model, with {flags[1]} world), '
+                         f'{TINY_MODEL}, {TINY_V2_MODEL}; or an open_clip architecture such as ViT-B-16')
+    if pretrained == 'world' and model != WORLD_MODEL:
+        raise ValueError(f'{flags[1]} world is the weights of {WORLD_MODEL}, not of {model}: pass {flags[0]} {WORLD_MODEL}')
+    path = _weights_file(pretrained)
+    if path is not None and path.suffix == '.safetensors' and path.is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework='pt') as f: saved = (f.metadata() or {}).get('model')
+        except Exception: saved = None   # not readable as safetensors: open_clip says why when it loads
+        if saved and saved != model:
+            raise ValueError(f'{flags[1]} {pretrained}: the file holds {saved} weights (its metadata says so), not {model}: pass {flags[0]} {saved}')
+
 def get_clip(model: str = TINY_MODEL, pretrained=None, device: str = 'auto', seed: int = 0) -> FrozenCLIP:
-    "The frozen CLIP, loaded once per process; `pretrained='world'` is the committed world model (`cocoamix.world`)."
+    "The frozen CLIP, loaded once per process; `pretrained='world'` (or the committed file's path) is the world model (`cocoamix.world`)."
     key = (model, str(pretrained), resolve_device(device), seed)
     if key not in _CLIPS:
-        if pretrained == 'world':
-            if model != WORLD_MODEL: raise ValueError(f"pretrained='world' is the weights of {WORLD_MODEL}, not of {model}: pass --model {WORLD_MODEL}")
+        if is_world_weights(pretrained):
+            if model != WORLD_MODEL: raise ValueError(f"pretrained={pretrained!r} is the weights of {WORLD_MODEL}, not of {model}: pass --model {WORLD_MODEL}")
             clip = load_world_clip(world_weights(), device=key[2]); clip.weights = f'world-{WORLD_WEIGHTS_SHA}'
             _CLIPS[key] = clip; return clip
+        if model == WORLD_MODEL: register_world_model()   # another file of the world architecture, or random weights
         clip = load_clip(model, pretrained, device=key[2], seed=seed)
         if seed and clip.weights == 'random': clip.weights = f'random-seed{seed}'
         _CLIPS[key] = clip
@@ -64,8 +96,9 @@ def evaluate(method: Method, test: Features, classnames, template: str | None = 
             'confusion': confusion_summary(zs_preds, preds, labels, classnames)}
 
 def resolved(method: Method) -> dict:
-    "The method's full config as it ran, and where each value came from (recorded in every metrics.json)."
-    return {'method_config_resolved': asdict(method.config), 'config_sources': getattr(method, 'config_sources', {})}
+    "The method's full config as it ran, where each value came from, and what it drew and applied (`run_record`), for every metrics.json."
+    record = method.run_record() if hasattr(method, 'run_record') else {}   # CoCoA-Mix: out-class words, applied weights
+    return {'method_config_resolved': asdict(method.config), 'config_sources': getattr(method, 'config_sources', {}), **record}
 
 def train_data(method: Method, clip: FrozenCLIP, split: Split, feats, n_views: int):
     "What `method.fit` trains on: cached augmented views, or the raw images (plus cached features) if it needs images."

@@ -23,7 +23,8 @@ from .maple import MaPLe
 from .dept import DePT
 
 # %% auto #0
-__all__ = ['METHODS', 'get_method_class', 'resolve_config', 'make_method', 'describe_method', 'print_methods', 'load_method']
+__all__ = ['METHODS', 'get_method_class', 'resolve_config', 'make_method', 'dataset_template', 'describe_method', 'print_methods',
+           'load_method']
 
 # %% ../nbs/13_registry.ipynb #89648c50
 METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShotCLIP, CoOp, CoCoOp, KgCoOp, ProGrad, MaPLe, DePT, DAPT, ContCoOp, CAPT, CoCoAMix)}
@@ -60,11 +61,22 @@ def make_method(name: str, clip: FrozenCLIP, dataset: str | None = None, shots: 
     return m
 
 # %% ../nbs/13_registry.ipynb #22e56cd7
+def dataset_template(dataset: str | None) -> str | None:
+    "The hand-crafted prompt `t_0` a cell on `dataset` passes to its method (the dataset's own template); None without one."
+    if dataset is None: return None
+    import cocoamix.world  # noqa: F401  (registers the world's datasets by name)
+    from cocoamix.data import REGISTRY
+    if dataset not in REGISTRY: raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(sorted(REGISTRY))}')
+    return REGISTRY[dataset].template
+
 def describe_method(name: str, dataset: str | None = None, shots: int | None = None, epoch_scale: float = 1.0,
                     protocol: str | None = None) -> list[dict]:
-    "Rows `param, value, source, note` of method `name` resolved for `dataset` / `shots`."
-    cfg, source = resolve_config(name, dataset, shots, None, epoch_scale, protocol)
+    "Rows `param, value, source, note` of method `name` resolved for `dataset` / `shots`, as a cell on `dataset` runs it."
+    cfg, source = resolve_config(name, dataset, shots, dataset_template(dataset), epoch_scale, protocol)
     notes = {r['param']: r['note'] for r in type(cfg).describe()}
+    if source.get('template') == 'dataset':
+        notes['template'] = f"t_0: {dataset}'s hand-crafted prompt, as its cells pass it" + (
+            " (each transfer target is scored with its own)" if protocol == 'transfer' else '')
     notes.update({k: why for k, (_, _, why) in get_method_class(name).setting_defaults(dataset, shots, protocol).items()})
     return [{'param': k, 'value': v, 'source': source[k], 'note': notes.get(k, '')} for k, v in asdict(cfg).items() if k != 'method']
 

@@ -22,8 +22,8 @@ __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD
            'MINIMUM', 'KNOB_TYPES', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid', 'grid_of',
            'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid', 'write_text',
            'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
-           'summarise', 'markdown_table', 'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells',
-           'write_outputs', 'run_grid', 'summary_record', 'run_experiment', 'print_summary']
+           'summarise', 'table_datasets', 'markdown_table', 'plot', 'validate_grid', 'stable_record', 'RunSummary',
+           'finished_cells', 'write_outputs', 'run_grid', 'summary_record', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -58,16 +58,19 @@ _ON_WORLD = {'model': 'cocoamix-world', 'pretrained': 'world'}
 _B2N_WORLD = {'datasets': WORLD_DOWNSTREAM, 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'shots': 4, 'n_views': 8}}
 _ABL_WORLD = {**_B2N_WORLD, 'datasets': ['world_flora', 'world_orbital', 'world_dishes'], 'seeds': [1, 2]}  # ours: 3 sets, 2 seeds, for time
 EXPERIMENTS = {e.name: e for e in [
-    Experiment('base2new', 'Base-to-new generalisation over 11 datasets (paper: base-to-new table; peers: CoCoOp protocol)',
+    Experiment('base2new', 'Base-to-new generalisation: trained on the base half of each dataset\'s classes, tested on base and new '
+               '(paper: base-to-new table; peers: CoCoOp protocol)',
                'base2new', METHOD_SETTINGS, _B2N_OFF, _B2N_PAPER, default_settings=PAPER_ROWS, world=_B2N_WORLD),
-    Experiment('cross_dataset', 'Cross-dataset transfer: ImageNet-trained prompts on 10 datasets (paper: cross-dataset table)',
+    Experiment('cross_dataset', 'Cross-dataset transfer: prompts trained on a source dataset (ImageNet in the paper), tested unchanged '
+               'on other datasets (paper: cross-dataset table)',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': ['digits'], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': [d for d in COOP_DATASETS if d != 'imagenet'], 'shots': 4, 'n_views': 8}},
                cell_defaults={'targets': ['digits']}, default_settings=PAPER_ROWS,
                world={'datasets': ['world_imagenet'], 'seeds': [1, 2, 3], 'params': {**_ON_WORLD, 'targets': WORLD_DOWNSTREAM, 'shots': 4,
                                                                                  'n_views': 8}}),
-    Experiment('domain_generalization', 'Domain generalisation: ImageNet-trained prompts on ImageNet-V2/-Sketch/-A/-R',
+    Experiment('domain_generalization', 'Domain generalisation: prompts trained on a source dataset (ImageNet in the paper grid), tested '
+               'on its shifted versions (ImageNet-V2, -Sketch, -A, -R)',
                'transfer', METHOD_SETTINGS,
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'targets': [BUILTIN], 'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['imagenet'], 'seeds': [1, 2, 3], 'params': {'targets': IMAGENET_VARIANTS, 'shots': 4, 'n_views': 8}},
@@ -79,7 +82,8 @@ EXPERIMENTS = {e.name: e for e in [
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'shots': 4, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2, 'target_model': 'cocoamix-tiny-v2'}},
                {'datasets': COOP_DATASETS, 'seeds': [1, 2, 3], 'params': {'shots': 16, 'n_views': 8, 'target_model': 'ViT-B-16',
                                                                           'target_pretrained': 'laion2b_s34b_b88k'}}),
-    Experiment('fscil', 'Few-shot class-incremental learning on CIFAR-100, 9 sessions (paper: FSCIL table)', 'fscil',
+    Experiment('fscil', 'Few-shot class-incremental learning: base classes, then few-shot sessions of new classes '
+               '(paper: FSCIL table, CIFAR-100 in 9 sessions)', 'fscil',
                {'coop': {'method': 'coop'}, 'cocoamix': COCOAMIX},
                {'datasets': [BUILTIN], 'seeds': [1, 2], 'params': {'base_classes': 4, 'ways': 2, 'n_sessions': 3, 'base_shots': 8, 'epoch_scale': OFFLINE_BUDGET, 'n_views': 2}},
                {'datasets': ['cifar100'], 'seeds': [1, 2, 3], 'params': {'base_classes': 60, 'ways': 5, 'n_sessions': 8, 'base_shots': 0, 'n_views': 8}},
@@ -270,7 +274,8 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
               'seconds': (datetime.datetime.now() - started).total_seconds(), 'finished': datetime.datetime.now().isoformat(),
               'versions': {'cocoamix': cocoamix.__version__, 'python': platform.python_version()}, 'pid': os.getpid(),
               'run_id': os.environ.get('COCOAMIX_RUN_ID')}
-    if p.get('pretrained') == 'world':
+    from cocoamix.protocols import is_world_weights
+    if is_world_weights(p.get('pretrained')):   # 'world', or the committed file's path
         from cocoamix.world import world_identity
         record['world'] = world_identity()   # the frozen world: generator version and weights hash
     write_json(Path(out_dir)/'metrics.json', record)
@@ -367,10 +372,23 @@ def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
     return table
 
 # %% ../nbs/15_runner.ipynb #05789426
+def _counted(names: list, what: str) -> str:
+    "`3 datasets: a, b, c`; the names only when there are a dozen or fewer."
+    s = f"{len(names)} {what}{'' if len(names) == 1 else 's'}"
+    return s + (': ' + ', '.join(map(str, names)) if len(names) <= 12 else f" ({', '.join(map(str, names[:6]))}, ...)")
+
+def table_datasets(exp: Experiment, table: pd.DataFrame) -> str:
+    "What a table holds, counted: its datasets (for transfer, its sources and its targets)."
+    sets = [d for d in dict.fromkeys(table['dataset']) if d != 'average']
+    if exp.protocol != 'transfer': return _counted(sets, 'dataset')
+    scalars = {'source', 'target_avg', 'hm_mean_of_targets', 'hm_of_means', 'resolved'}
+    targets = [c[:-5] for c in table.columns if c.endswith('_mean') and c[:-5] not in scalars]
+    return f"{_counted(sets, 'source dataset')}; {_counted(targets, 'target')}"
+
 def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, params: dict) -> str:
     cols = [c[:-5] for c in table.columns if c.endswith('_mean')]
     fmt = lambda r, c: '' if pd.isna(r.get(f'{c}_mean')) else (f"{r[f'{c}_mean']:.2f}" + ('' if pd.isna(r.get(f'{c}_std')) else f" ± {r[f'{c}_std']:.2f}"))
-    lines = [f'# {exp.name}', '', exp.paper, '', f"Weights: {', '.join(sorted(set(table['weights'])))}" if 'weights' in table else '', '']
+    lines = [f'# {exp.name}: {table_datasets(exp, table)}', '', exp.paper, '', f"Weights: {', '.join(sorted(set(table['weights'])))}" if 'weights' in table else '', '']
     if pipeline_check:
         lines += ['> **Pipeline check, not the paper\'s numbers.** These accuracies come from a model with random weights '
                   f"(`{params.get('model')}`, pretrained = none) on small local data. They show that every stage runs end to "
@@ -412,7 +430,8 @@ def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) ->
         sns.barplot(data=long, x='metric', y='accuracy (%)', hue='setting', errorbar='sd', ax=ax)
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), title='setting', title_fontsize=8)
     weights = ', '.join(sorted(df['weights'].unique())) if 'weights' in df else ''
-    title = f'{exp.name}' + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f' — weights: {weights}')
+    n = df['dataset'].nunique()
+    title = f"{exp.name}, {n} dataset{'' if n == 1 else 's'}" + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f' — weights: {weights}')
     ax.set_title(title, fontsize=10)
     fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
     return path
@@ -427,6 +446,9 @@ def validate_grid(name: str, cells: list) -> None:
     from cocoamix.data import REGISTRY, BUILTINS, check_data
     p0 = cells[0].params if cells else {}
     import cocoamix.world  # noqa: F401  (registers the world's datasets)
+    from cocoamix.protocols import check_model
+    if p0.get('model'): check_model(p0['model'], p0.get('pretrained'))   # a model no cell could load fails here, not in every cell
+    if p0.get('target_model'): check_model(p0['target_model'], p0.get('target_pretrained'), ('--param target_model', '--param target_pretrained'))
     for key in ('pretrained', 'target_pretrained'):
         v = p0.get(key)
         if v is None or str(v) in ('', 'none', 'None', 'world'): continue
