@@ -228,19 +228,6 @@ class ProGrad(PromptMethod):
         p.ctx.data.copy_(ctx.expand_as(p.ctx) if c.csc else ctx)
         return p
 
-    @torch.no_grad()
-    def prompt_logits(self, image_features, classnames):
-        "PromptMethod's, after giving a prompt rebuilt by `load_method` (which knows no prompt prefix) its frozen template words back."
-        c = self.config
-        if c.ctx_init == 'template':
-            for i, p in enumerate(self.prompts):
-                prefix = prograd_prompt_prefix(c.template, p.n_ctx)
-                if p.prompt_prefix != prefix:
-                    q = PromptLearner(self.clip, n_ctx=p.n_ctx, position=p.position, csc=p.csc, classnames=p.classnames, prompt_prefix=prefix)
-                    q.ctx.data.copy_(p.ctx.data)
-                    self.prompts[i] = q
-        return super().prompt_logits(image_features, classnames)
-
     def losses(self, classnames):
         "`(x, y) -> (CE loss, KL-to-zero-shot loss)` of the newest prompt."
         c, prompt, base = self.config, self.prompts[-1], self.base_loss()

@@ -261,7 +261,8 @@ class Method:
             tensors.update({f'weights.{k}': v.detach().float().cpu().contiguous() for k, v in self.weights.state_dict().items()})
         tensors.update({f'extra.{k}': v.detach().float().cpu().contiguous() for k, v in self.extra.state_dict().items()})
         meta = {'config': json.dumps(asdict(self.config)), 'domains': json.dumps(self.domains), 'model': self.clip.identity,
-                'n_ctx': json.dumps([p.n_ctx for p in self.prompts])}
+                'n_ctx': json.dumps([p.n_ctx for p in self.prompts]),
+                'prompt_prefix': json.dumps([p.prompt_prefix for p in self.prompts])}  # frozen words after the context (ProGrad)
         save_file(tensors or {'empty': torch.zeros(1)}, str(path), metadata=meta)
         return path
 

@@ -106,8 +106,9 @@ def load_method(path, clip: FrozenCLIP) -> Method:
                          'learned contexts move only between CLIPs with the same text width')
     method.domains = json.loads(meta['domains'])
     c = method.config
+    prefixes = json.loads(meta.get('prompt_prefix', 'null')) or [None] * len(method.domains)  # states saved before prefixes were kept: CoOp's X X ... X
     for i, names in enumerate(method.domains):
-        p = PromptLearner(clip, n_ctx=json.loads(meta['n_ctx'])[i], position=c.position, csc=c.csc, classnames=names)
+        p = PromptLearner(clip, n_ctx=json.loads(meta['n_ctx'])[i], position=c.position, csc=c.csc, classnames=names, prompt_prefix=prefixes[i])
         p.ctx.data.copy_(tensors[f'prompt.{i}.ctx'].to(p.ctx.device))
         method.prompts.append(p)
     if any(k.startswith('weights.') for k in tensors):
