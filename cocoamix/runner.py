@@ -132,7 +132,8 @@ def get_experiment(name: str) -> Experiment:
 
 _CELL = dict(model='cocoamix-tiny', pretrained='none', data_root='', cache_dir='', dataset=BUILTIN, method='cocoamix', seed=1,
              epochs=None, epoch_scale=1.0, n_views=2, shots=4, w=None, d=None, loss=None, mixing=None, stages=None,
-             out_classes=None, n_ctx=None, lr=None, batch_size=None, weights_epochs=None, config={}, setting='', out_dir='')
+             out_classes=None, n_ctx=None, lr=None, batch_size=None, weights_epochs=None, weights_batch_size=None,
+             outclass_seed=None, config={}, setting='', out_dir='')
 _PROTOCOL_EXTRA = {
     'base2new': {}, 'transfer': {'targets': [BUILTIN]},
     'cross_version': {'target_model': 'cocoamix-tiny-v2', 'target_pretrained': 'none', 'target_seed': 1},
@@ -157,10 +158,11 @@ def _type_ok(value, default) -> bool:
     if isinstance(default, (list, tuple)): return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
 
-MINIMUM = {'shots': 1, 'n_views': 1, 'epochs': 1, 'n_ctx': 1, 'batch_size': 1, 'weights_epochs': 1, 'base_classes': 1, 'ways': 1,
+MINIMUM = {'shots': 1, 'n_views': 1, 'epochs': 1, 'n_ctx': 1, 'batch_size': 1, 'weights_epochs': 1, 'weights_batch_size': 0, 'outclass_seed': -1,
+           'base_classes': 1, 'ways': 1,
            'fscil_shots': 1, 'n_sessions': 0, 'base_shots': 0, 'target_seed': 0, 'lr': 0, 'w': 0, 'd': 0}   # and epoch_scale > 0
 
-KNOB_TYPES = {'epochs': 0, 'n_ctx': 0, 'batch_size': 0, 'weights_epochs': 0, 'stages': 0, 'w': 0.0, 'd': 0.0, 'lr': 0.0,
+KNOB_TYPES = {'epochs': 0, 'n_ctx': 0, 'batch_size': 0, 'weights_epochs': 0, 'weights_batch_size': 0, 'outclass_seed': 0, 'stages': 0, 'w': 0.0, 'd': 0.0, 'lr': 0.0,
               'loss': '', 'mixing': '', 'out_classes': ''}  # the type of each method knob whose default is None
 
 def check_params(name: str, params: dict) -> dict:
@@ -252,7 +254,8 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
     exp = get_experiment(experiment)
     p = {k: v for k, v in params.items() if k not in ('out_dir', 'setting')}
     config = {**p.pop('config', {})}
-    for knob in ('epochs', 'w', 'd', 'loss', 'mixing', 'stages', 'out_classes', 'n_ctx', 'lr', 'batch_size', 'weights_epochs'):
+    for knob in ('epochs', 'w', 'd', 'loss', 'mixing', 'stages', 'out_classes', 'n_ctx', 'lr', 'batch_size', 'weights_epochs',
+                 'weights_batch_size', 'outclass_seed'):
         if p.get(knob) is not None: config[knob] = p.pop(knob)  # only what the user set: the method owns its defaults
         else: p.pop(knob, None)
     from cocoamix.registry import get_method_class

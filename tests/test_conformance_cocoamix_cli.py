@@ -169,3 +169,12 @@ def test_the_world_weights_file_is_the_world_model(tmp_path):
     assert 'running as --pretrained world' in r.stderr and '1 cells run' in r.stdout
     rec = json.loads(next((tmp_path / 'out' / 'base2new').rglob('metrics.json')).read_text())
     assert rec['params']['pretrained'] == 'world' and rec['world']['weights_sha256_16'] and not rec['pipeline_check']
+
+
+def test_stage2_batch_and_word_seed_are_runner_knobs():
+    "`--param outclass_seed=K` / `weights_batch_size=B` reach CoCoA-Mix's config, are checked, and name the cell."
+    from cocoamix.runner import check_params, get_experiment, _label
+    assert check_params('base2new', {'outclass_seed': 7, 'weights_batch_size': 16}) == {'outclass_seed': 7, 'weights_batch_size': 16}
+    for bad in ({'outclass_seed': -2}, {'weights_batch_size': -1}, {'outclass_seed': 'seven'}):
+        with pytest.raises((ValueError, TypeError)): check_params('base2new', bad)
+    assert 'outclass_seed=7' in _label(get_experiment('base2new'), 'cocoamix', {'outclass_seed': 7, 'pretrained': 'none'})
