@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_cli.ipynb #7618ecfd
 from __future__ import annotations
-import argparse, json, signal, sys
+import argparse, json, signal, sys, time
 from pathlib import Path
 
 from .runner import EXPERIMENTS, run_experiment, print_summary, cell_parameters, parse_value, expand_grid
@@ -81,6 +81,7 @@ def run_main(argv=None) -> int:
     def terminate(signum, frame):  # SIGTERM ends like Ctrl-C: one line, exit 143
         code['signal'] = 143; raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)
+    started = time.monotonic()
     try:
         s = run_experiment(a.experiment, a.out, a.datasets, settings, a.seeds, params, dict(a.sweep), progress=not a.quiet,
                            executor=executor_options(a), notebook=not a.in_process, only_this_grid=a.only_this_grid)
@@ -92,6 +93,8 @@ def run_main(argv=None) -> int:
         done = sum(c.done for c in expand_grid(a.experiment, a.out, a.datasets, settings, a.seeds, params, dict(a.sweep)))
         print(f'\ninterrupted; {done} cells finished, rerun to resume', file=sys.stderr); return code['signal']
     print_summary(s)
+    elapsed = int(time.monotonic() - started)
+    print(f'{a.experiment}: {len(s.ran)} cells computed by this run in {elapsed // 60} min {elapsed % 60} s (wall clock, checks and table included)')
     return 1 if s.failed else 0
 
 def methods_main(argv=None) -> int:

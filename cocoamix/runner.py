@@ -19,11 +19,12 @@ from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
 __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
-           'MINIMUM', 'KNOB_TYPES', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid', 'grid_of',
-           'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid', 'write_text',
-           'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
-           'summarise', 'table_datasets', 'markdown_table', 'plot', 'validate_grid', 'stable_record', 'RunSummary',
-           'finished_cells', 'write_outputs', 'run_grid', 'summary_record', 'run_experiment', 'print_summary']
+           'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid',
+           'grid_of', 'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid',
+           'foreign_knobs', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely',
+           'collect', 'metric_columns', 'summarise', 'table_datasets', 'markdown_table', 'plot', 'validate_grid',
+           'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid', 'summary_record',
+           'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -223,19 +224,33 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
     for k, vals in sweeps.items():
         for v in vals: check_params(name, {k: v})
     defaults = cell_parameters(name)
-    cells = []
+    cells, seen = [], set()
     for dataset, setting, combo, seed in product(datasets, names, product(*sweeps.values()) if sweeps else [()], seeds):
-        swept = dict(zip(sweeps, combo))
         method_cfg = dict(exp.settings[setting])
-        p = {**base, **swept, 'dataset': dataset, 'seed': seed, 'method': method_cfg.pop('method'),
+        method = method_cfg.pop('method')
+        foreign = foreign_knobs(method)   # e.g. d for CoOp: it neither multiplies CoOp's cells nor names them
+        swept = {k: v for k, v in zip(sweeps, combo) if k not in foreign}
+        given = {k: v for k, v in base.items() if k not in foreign}
+        p = {**given, **swept, 'dataset': dataset, 'seed': seed, 'method': method,
              'config': {**method_cfg, **base.get('config', {})}}
         full = {**defaults, **p}
-        tag = '_'.join([_slug(setting)] + [f'{_slug(k)}={_value_slug(v)}' for k, v in sorted({**base, **swept}.items())
+        tag = '_'.join([_slug(setting)] + [f'{_slug(k)}={_value_slug(v)}' for k, v in sorted({**given, **swept}.items())
                                            if k in defaults and defaults[k] != v and k not in ('data_root', 'cache_dir', 'out_dir')])
         out_dir = Path(out)/name/_slug(dataset)/tag/f'seed{seed}'
+        if out_dir in seen: continue   # the same cell again, through a sweep value its method does not have
+        seen.add(out_dir)
         full['out_dir'] = str(out_dir.resolve())
         cells.append(Cell(name, dataset, setting, seed, full, out_dir))
     return cells
+
+METHOD_KNOBS = ('epochs', 'w', 'd', 'loss', 'mixing', 'stages', 'out_classes', 'n_ctx', 'lr', 'batch_size', 'weights_epochs',
+                'weights_batch_size', 'outclass_seed')   # grid parameters that are fields of a method's config
+
+def foreign_knobs(method: str) -> set:
+    "The method knobs that `method`'s config does not have (its config sources list what it has)."
+    from cocoamix.registry import get_method_class
+    own = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+    return {k for k in METHOD_KNOBS if k not in own}
 
 # %% ../nbs/15_runner.ipynb #0baefa5e
 def write_text(path: Path, text: str) -> None:
@@ -254,8 +269,7 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
     exp = get_experiment(experiment)
     p = {k: v for k, v in params.items() if k not in ('out_dir', 'setting')}
     config = {**p.pop('config', {})}
-    for knob in ('epochs', 'w', 'd', 'loss', 'mixing', 'stages', 'out_classes', 'n_ctx', 'lr', 'batch_size', 'weights_epochs',
-                 'weights_batch_size', 'outclass_seed'):
+    for knob in METHOD_KNOBS:
         if p.get(knob) is not None: config[knob] = p.pop(knob)  # only what the user set: the method owns its defaults
         else: p.pop(knob, None)
     from cocoamix.registry import get_method_class
@@ -577,8 +591,9 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
                      summary_file=str(Path(out)/name/summary_file.name),                                       # the record names no machine
                      only_this_grid=only_this_grid)
     err, record = {}, folder/f'{name}.ipynb'
+    partial = folder/f'.{name}.partial.ipynb'   # papermill writes here as it goes; the record is replaced only when the run completes
     def execute():
-        try: pm.execute_notebook(str(experiments_dir()/get_experiment(name).notebook), str(record),
+        try: pm.execute_notebook(str(experiments_dir()/get_experiment(name).notebook), str(partial),
                                  parameters=nb_params, progress_bar=False, kernel_name=kernel_name, cwd=os.getcwd())
         except BaseException as e: err['e'] = e
     terminal = os.fdopen(os.dup(2), 'w')                  # the bar stays on the terminal ...
@@ -590,9 +605,15 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
             while worker.is_alive():
                 worker.join(0.5); _draw(progress_file, bar)
             _draw(progress_file, bar)
+    except BaseException:   # Ctrl-C, SIGTERM: the committed record stays as it was; the partial one is kept apart, named as such
+        if partial.is_file(): os.replace(partial, folder/f'{name}.interrupted.ipynb')
+        raise
     finally:
         os.dup2(terminal.fileno(), 2); kernel_log.close()
-    if record.is_file(): stable_record(record)
+    interrupted = summary_file.is_file() and json.loads(summary_file.read_text()).get('interrupted')
+    if partial.is_file():
+        if 'e' in err or interrupted: os.replace(partial, folder/f'{name}.interrupted.ipynb')
+        else: stable_record(partial); os.replace(partial, record); (folder/f'{name}.interrupted.ipynb').unlink(missing_ok=True)
     s = RunSummary(name, cells)
     if summary_file.is_file():
         rec, by_dir = json.loads(summary_file.read_text()), {str(c.out_dir.resolve()): c for c in cells}
@@ -602,7 +623,7 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
         s.files, s.interrupted = {k: Path(v) for k, v in rec['files'].items()}, rec['interrupted']
         if (folder/'table.csv').is_file(): s.table = pd.read_csv(folder/'table.csv')
     elif 'e' in err:
-        s.failed.append((None, f'the experiment notebook failed ({folder/f"{name}.ipynb"}): {str(err["e"]).strip().splitlines()[-1][:300] if str(err["e"]).strip() else type(err["e"]).__name__}'))
+        s.failed.append((None, f'the experiment notebook failed ({folder/f"{name}.interrupted.ipynb"}): {str(err["e"]).strip().splitlines()[-1][:300] if str(err["e"]).strip() else type(err["e"]).__name__}'))
     s.files['notebook'] = folder/f'{name}.ipynb'
     return s
 

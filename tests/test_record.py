@@ -1,0 +1,55 @@
+"""What a run leaves behind: the committed record survives an interrupt, a sweep multiplies only the methods it applies to."""
+import os, shutil, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+from cocoamix.runner import expand_grid, get_experiment, _label
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, '-m', 'cocoamix', 'run']
+
+
+def test_sweep_of_a_cocoamix_parameter_leaves_coop_one_cell_per_seed(tmp_path):
+    "`--param w=2.0 --sweep d=0.1,0.5,1.0` with CoOp: d is not a CoOp parameter, so CoOp runs once per seed, unlabelled by d."
+    cells = expand_grid('base2new', tmp_path, ['fashion_mnist'], ['coop', 'cocoamix'], [1, 2], {'w': 2.0}, {'d': [0.1, 0.5, 1.0]})
+    coop = [c for c in cells if c.setting == 'coop']
+    mix = [c for c in cells if c.setting == 'cocoamix']
+    assert len(coop) == 2 and len(mix) == 6
+    assert all('d' not in c.params or c.params['d'] is None for c in coop)
+    assert sorted({c.params['d'] for c in mix}) == [0.1, 0.5, 1.0]
+    exp = get_experiment('base2new')
+    assert {_label(exp, c.setting, c.params) for c in coop} == {'coop [w=2.0]'}   # w is a field of CoOp's config (CoA-loss weight)
+    assert all('d=' not in str(c.out_dir) for c in coop)
+    zs = expand_grid('base2new', tmp_path, ['fashion_mnist'], ['zsclip'], [1], {}, {'lr': [0.1, 0.2]})
+    assert len(zs) == 1 and 'lr=' not in str(zs[0].out_dir)   # zero-shot CLIP has no lr
+
+
+def _ignored(name: str) -> bool:
+    "Would git ignore this file of an experiment folder (the committed outputs/ layout)?"
+    return subprocess.run(['git', 'check-ignore', '--no-index', '-q', f'outputs/base2new/{name}'], cwd=REPO).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which('git') is None, reason='git is needed to read .gitignore')
+def test_interrupt_leaves_the_committed_record_intact(tmp_path):
+    env = {**os.environ, 'COCOAMIX_OFFLINE': 'builtin', 'COCOAMIX_CACHE': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1'}
+    done = subprocess.run(CLI + ['base2new', '--methods', 'zsclip', '--seeds', '1', '--out', str(tmp_path), '--quiet'],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'cells computed by this run in' in done.stdout   # make run's elapsed time and cell count
+    folder = tmp_path / 'base2new'
+    record = folder / 'base2new.ipynb'
+    before, listing = record.read_bytes(), {p.name for p in folder.iterdir()}
+    run = subprocess.Popen(CLI + ['base2new', '--methods', 'coop', '--seeds', '1', '2', '3', '--epochs', '400', '--out', str(tmp_path),
+                                  '--quiet'], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (folder / '.base2new.partial.ipynb').is_file() and time.time() < deadline and run.poll() is None: time.sleep(0.2)
+    time.sleep(3)   # papermill is executing the notebook's cells
+    assert run.poll() is None, 'the run ended before it could be interrupted'
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and 'interrupted' in err
+    assert record.read_bytes() == before                      # the committed record is untouched
+    assert (folder / 'base2new.interrupted.ipynb').is_file()  # the partial one is kept apart, named as such
+    left = {p.name for p in folder.iterdir()} - listing
+    assert all(_ignored(n) for n in left), left                # nothing a clean tree would show
