@@ -24,7 +24,7 @@ __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD
            'foreign_knobs', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely',
            'collect', 'metric_columns', 'summarise', 'table_datasets', 'markdown_table', 'plot', 'validate_grid',
            'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid', 'summary_record',
-           'run_experiment', 'print_summary']
+           'check_writable', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -257,8 +257,12 @@ def write_text(path: Path, text: str) -> None:
     "Write `text` through a temporary file and an atomic rename: readers see the old file or the new one, never half."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{socket.gethostname()}.{os.getpid()}.tmp')  # one temp file per writer
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:   # no temporary file is left behind, and the message names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f'cannot write {path}: {e.strerror or e}') from e
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, 'tolist') else str(o)))
@@ -465,6 +469,9 @@ def validate_grid(name: str, cells: list) -> None:
     import cocoamix.world  # noqa: F401  (registers the world's datasets)
     from cocoamix.protocols import check_model
     if p0.get('model'): check_model(p0['model'], p0.get('pretrained'))   # a model no cell could load fails here, not in every cell
+    if 'world' in (p0.get('pretrained'), p0.get('target_pretrained')):
+        from cocoamix.world import world_weights
+        world_weights()   # a damaged world weights file is refused here (its hash), not cell by cell
     if p0.get('target_model'): check_model(p0['target_model'], p0.get('target_pretrained'), ('--param target_model', '--param target_pretrained'))
     for key in ('pretrained', 'target_pretrained'):
         v = p0.get(key)
@@ -574,12 +581,23 @@ def _draw(progress_file: Path, bar) -> None:
     if bar.total != st['total']: bar.reset(total=st['total'])
     bar.set_description(st['desc'], refresh=False); bar.n = st['n']; bar.set_postfix_str(st['current'])
 
+def check_writable(folder: Path) -> None:
+    "Refuse an output folder that cannot be created or written, before any cell runs (one line, the fix in it)."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder/f'.write-test.{socket.gethostname()}.{os.getpid()}'
+        probe.write_text(''); probe.unlink()
+    except OSError as e:
+        raise ValueError(f'--out {folder.parent}: cannot write {folder} ({e.strerror or e}); pass a writable folder with --out') from None
+
 def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settings=None, seeds=None, params=None,
                    sweeps=None, progress: bool = True, kernel_name: str | None = None, executor: dict | None = None,
                    notebook: bool = True, only_this_grid: bool = False) -> RunSummary:
     "Check the grid, then run it through one execution of the experiment notebook (or in this process with notebook=False)."
     cells = expand_grid(name, out, datasets, settings, seeds, params, sweeps)   # every input is checked here: nothing written yet
     validate_grid(name, cells)
+    check_writable(Path(out)/name)
     if not notebook: return run_grid(name, out, datasets, settings, seeds, params, sweeps, executor, progress, None, only_this_grid)
     import papermill as pm, threading
     folder = (Path(out)/name).resolve(); folder.mkdir(parents=True, exist_ok=True)
@@ -630,7 +648,7 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
 def print_summary(s: RunSummary) -> None:
     print(f'{s.experiment}: {len(s.ran)} cells run, {len(s.skipped)} already finished (skipped), {len(s.failed)} failed')
     for c, msg in s.failed:
-        where = f'{c.dataset} / {c.setting} / seed {c.seed}: see {c.out_dir/"error.txt"}' if c else ''
-        print(f'  FAILED {where}\n    {msg}')
+        if c is None: print(f'  FAILED: {msg}'); continue   # not a cell: the notebook, or a table that could not be written
+        print(f'  FAILED {c.dataset} / {c.setting} / seed {c.seed}: see {c.out_dir/"error.txt"}\n    {msg}')
     for k, v in s.files.items(): print(f'  wrote {v}')
     if (f := s.files.get('table.md')) and Path(f).is_file(): print('\n' + Path(f).read_text())

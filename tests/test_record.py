@@ -53,3 +53,34 @@ def test_interrupt_leaves_the_committed_record_intact(tmp_path):
     assert (folder / 'base2new.interrupted.ipynb').is_file()  # the partial one is kept apart, named as such
     left = {p.name for p in folder.iterdir()} - listing
     assert all(_ignored(n) for n in left), left                # nothing a clean tree would show
+
+
+def test_damaged_world_weights_are_refused_before_any_cell(tmp_path, monkeypatch):
+    "A corrupted world weights file fails the up-front check (its hash), rc 2, with nothing written."
+    import cocoamix.world as world
+    from cocoamix.cli import main
+    bad = tmp_path / 'world_model.safetensors'
+    data = bytearray(world.WORLD_WEIGHTS.read_bytes()); data[-100] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(world, 'WORLD_WEIGHTS', bad)
+    monkeypatch.setenv('COCOAMIX_OFFLINE', 'world')
+    out = tmp_path / 'out'
+    assert main(['run', 'base2new', '--methods', 'zsclip', '--seeds', '1', '--datasets', 'world_flora', '--out', str(out), '--quiet']) == 2
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused_in_one_line(tmp_path, capsys):
+    "An --out that cannot be written (here: below a regular file, which even root cannot write into) fails up front, rc 2."
+    from cocoamix.cli import main
+    (tmp_path / 'a_file').write_text('')
+    code = main(['run', 'base2new', '--methods', 'zsclip', '--seeds', '1', '--out', str(tmp_path / 'a_file' / 'out'), '--quiet'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and 'cannot write' in err[0] and '--out' in err[0]
+
+
+def test_a_table_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    from cocoamix.runner import write_text
+    (tmp_path / 'table.csv').mkdir()   # a folder where the table should go: the rename fails
+    with pytest.raises(OSError, match='cannot write .*table.csv'):
+        write_text(tmp_path / 'table.csv', 'a,b\n')
+    assert [p.name for p in tmp_path.iterdir()] == ['table.csv']
