@@ -77,7 +77,7 @@ class CoCoAMix(PromptMethod):
         mixed = c.mixing != 'none' and self.weights is not None
         return {'out_classes': self.out_class_draws[-1]['words'] if self.out_class_draws else [],
                 'out_class_draws': self.out_class_draws,
-                'outclass_seed': c.seed if c.outclass_seed < 0 else c.outclass_seed,
+                'outclass_seed': self.outclass_draw_seed(0),
                 'mixture_weights': self.weights.applied() if mixed else None,
                 'mixture_weights_note': note if mixed else "mixing='none': the learned prompt alone, no mixture",
                 'weights_steps': self.weights_steps}

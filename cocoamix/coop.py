@@ -16,9 +16,9 @@ from .prompts import PromptLearner
 
 # %% auto #0
 __all__ = ['SCRIPT_SHOTS', 'KGCOOP_TEMPLATES', 'PROGRAD_TEMPLATES', 'PROGRAD_LAMBDA_08', 'ZeroShotCLIP', 'CoOpConfig',
-           'epochs_by_shots', 'coop_epochs', 'coop_epochs_as_ours', 'CoOp', 'KgCoOpConfig', 'KgCoOp', 'kl_to_zero_shot',
-           'CoCoOpConfig', 'MetaNet', 'CoCoOp', 'ProGradConfig', 'prograd_phrase', 'prograd_prompt_prefix',
-           'prograd_context_init', 'prograd_gradient', 'ProGrad']
+           'epochs_by_shots', 'authors_setting', 'coop_epochs', 'coop_epochs_as_ours', 'CoOp', 'KgCoOpConfig', 'KgCoOp',
+           'kl_to_zero_shot', 'CoCoOpConfig', 'MetaNet', 'CoCoOp', 'ProGradConfig', 'prograd_phrase',
+           'prograd_prompt_prefix', 'prograd_context_init', 'prograd_gradient', 'ProGrad']
 
 # %% ../nbs/09_coop.ipynb #fdfc2fbf
 class ZeroShotCLIP(Method):
@@ -42,6 +42,11 @@ def epochs_by_shots(dataset: str | None, shots: int | None) -> int | None:
     if dataset == 'imagenet': return 50
     if shots is None: return None
     return 50 if shots <= 1 else 100 if shots <= 4 else 200
+
+def authors_setting(value, rule: str, ran: bool, protocol: str | None, shots: int | None) -> tuple:
+    "`(value, 'peer', rule)` where the authors ran the setting; else the same value, tagged as our extrapolation of their rule."
+    if ran: return value, 'peer', rule
+    return value, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}'
 
 def coop_epochs(dataset: str | None, shots: int | None) -> tuple[int, str]:
     "CoOp's epochs for a dataset and a number of shots (COOP.md, its few-shot runs of scripts/coop/main.sh), with the rule in words."
@@ -213,11 +218,11 @@ class ProGrad(PromptMethod):
             rule = ('ProGrad README.md: rn50_ep50 at 1 shot, rn50_ep100 at 2-4 shots, rn50 (200) at 8-16 shots, _ep50 on ImageNet; '
                     'scripts/base2new_train_prograd.sh: 4 shots, rn50_ep100')
             ran = dataset == 'imagenet' or (protocol is None and shots in SCRIPT_SHOTS) or (protocol == 'base2new' and shots == 4)
-            out['epochs'] = (epochs, 'peer', rule) if ran else (epochs, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+            out['epochs'] = authors_setting(epochs, rule, ran, protocol, shots)
         if dataset in PROGRAD_LAMBDA_08 and shots is not None and shots >= 8:
             rule = 'ProGrad README.md: lambda 0.8 for the 8- and 16-shot results on Flowers102, DTD and EuroSAT (scripts/prograd.sh: 1.0)'
             ran = protocol is None and shots in (8, 16)
-            out['prograd_lambda'] = (0.8, 'peer', rule) if ran else (0.8, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+            out['prograd_lambda'] = authors_setting(0.8, rule, ran, protocol, shots)
         return out
 
     def new_prompt(self, classnames) -> PromptLearner:

@@ -17,7 +17,7 @@ from .backbone import FrozenCLIP
 from .data import Split, ImageDataset, test_transform
 from .features import Features
 from .method import PromptMethod, PromptConfig, TrainImages, param, autocast
-from .coop import SCRIPT_SHOTS, epochs_by_shots
+from .coop import SCRIPT_SHOTS, epochs_by_shots, authors_setting
 
 # %% auto #0
 __all__ = ['DAPT_DATASET_DEFAULTS', 'DAPTConfig', 'encode_image_prompted', 'VisualPrompts', 'intra_dispersion',
@@ -103,7 +103,7 @@ class DAPT(PromptMethod):
         if epochs is not None:
             rule = 'DAPT scripts/main.sh: vit_b16_ep50 on ImageNet and at 1 shot, vit_b16_ep100 at 2-4 shots, vit_b16 (200) at 8-16 shots'
             ran = dataset == 'imagenet' or (protocol is None and shots in SCRIPT_SHOTS)
-            out['epochs'] = (epochs, 'peer', rule) if ran else (epochs, 'ours', f'ours: {protocol or "few-shot"} at {shots} shots, not run by the authors; {rule}')
+            out['epochs'] = authors_setting(epochs, rule, ran, protocol, shots)
         return out
 
     def make_modules(self):

@@ -21,10 +21,10 @@ from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
            'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid',
            'grid_of', 'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid',
-           'foreign_knobs', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely',
-           'collect', 'metric_columns', 'summarise', 'table_datasets', 'markdown_table', 'plot', 'validate_grid',
-           'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid', 'summary_record',
-           'check_writable', 'run_experiment', 'print_summary']
+           'method_fields', 'foreign_knobs', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn',
+           'run_cell_safely', 'collect', 'metric_columns', 'summarise', 'table_datasets', 'markdown_table', 'plot',
+           'validate_grid', 'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid',
+           'summary_record', 'check_writable', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -246,11 +246,14 @@ def expand_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=
 METHOD_KNOBS = ('epochs', 'w', 'd', 'loss', 'mixing', 'stages', 'out_classes', 'n_ctx', 'lr', 'batch_size', 'weights_epochs',
                 'weights_batch_size', 'outclass_seed')   # grid parameters that are fields of a method's config
 
-def foreign_knobs(method: str) -> set:
-    "The method knobs that `method`'s config does not have (its config sources list what it has)."
+def method_fields(method: str) -> set:
+    "The fields of `method`'s config: the parameters it has."
     from cocoamix.registry import get_method_class
-    own = {f.name for f in dataclasses.fields(get_method_class(method).Config)}
-    return {k for k in METHOD_KNOBS if k not in own}
+    return {f.name for f in dataclasses.fields(get_method_class(method).Config)}
+
+def foreign_knobs(method: str) -> set:
+    "The method knobs that `method`'s config does not have."
+    return set(METHOD_KNOBS) - method_fields(method)
 
 # %% ../nbs/15_runner.ipynb #0baefa5e
 def write_text(path: Path, text: str) -> None:
@@ -276,8 +279,7 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
     for knob in METHOD_KNOBS:
         if p.get(knob) is not None: config[knob] = p.pop(knob)  # only what the user set: the method owns its defaults
         else: p.pop(knob, None)
-    from cocoamix.registry import get_method_class
-    own = {f.name for f in dataclasses.fields(get_method_class(p['method']).Config)}
+    own = method_fields(p['method'])
     not_applicable = sorted(k for k in config if k not in own and k not in params.get('config', {}))  # e.g. --epochs for zero-shot CLIP
     config = {k: v for k, v in config.items() if k not in not_applicable}
     p['pretrained'] = None if p.get('pretrained') in ('', 'none', None) else p['pretrained']
