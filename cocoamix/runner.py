@@ -19,11 +19,12 @@ from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
 __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
-           'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'VOLATILE', 'Experiment', 'experiments_dir', 'offline_grid',
-           'grid_of', 'get_experiment', 'cell_parameters', 'parse_value', 'check_params', 'Cell', 'expand_grid',
-           'method_fields', 'foreign_knobs', 'write_text', 'write_json', 'run_cell', 'read_metrics', 'recover_torn',
-           'run_cell_safely', 'collect', 'metric_columns', 'summarise', 'table_datasets', 'markdown_table', 'plot',
-           'validate_grid', 'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid',
+           'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'COLUMNS', 'SKIPPED_SETTINGS', 'VOLATILE', 'Experiment',
+           'experiments_dir', 'offline_grid', 'grid_of', 'get_experiment', 'cell_parameters', 'parse_value',
+           'check_params', 'Cell', 'expand_grid', 'method_fields', 'foreign_knobs', 'write_text', 'write_json',
+           'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns', 'seed_averages',
+           'summarise', 'table_datasets', 'column_notes', 'settings_notes', 'markdown_table', 'figure_columns', 'draw',
+           'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid',
            'summary_record', 'check_writable', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
@@ -371,6 +372,13 @@ def metric_columns(exp: Experiment, df: pd.DataFrame) -> list[str]:
     skip = {'dataset', 'setting', 'seed', 'pipeline_check', 'weights', 'w', 'd', 'loss', 'mixing'}
     return [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
 
+def seed_averages(df: pd.DataFrame, cols: list, n_sets: int) -> pd.DataFrame:
+    "Each seed's mean over the datasets, for the seeds run on all `n_sets` of them; base-to-new's hm is the HM of that seed's averages."
+    g = df.groupby('seed')
+    per = g[cols].mean()[g['dataset'].nunique() == n_sets]
+    if 'hm' in per and {'base', 'new'} <= set(per.columns): per['hm'] = [_harmonic(b, n) for b, n in zip(per['base'], per['new'])]
+    return per
+
 def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
     "Mean and std over seeds per (dataset, setting), plus the average row where the protocol defines one."
     cols = metric_columns(exp, df)
@@ -381,18 +389,16 @@ def summarise(exp: Experiment, df: pd.DataFrame) -> pd.DataFrame:
     if exp.protocol == 'base2new' and df['dataset'].nunique() > 1:
         avg = []
         for setting, t in table.groupby('setting', sort=False):
-            b, n = t['base_mean'].mean(), t['new_mean'].mean()
-            row = {'dataset': 'average', 'setting': setting, 'base_mean': b, 'new_mean': n, 'hm_mean': _harmonic(b, n),
-                   'seeds': int(t['seeds'].min())}
+            means = {c: t[f'{c}_mean'].mean() for c in cols}   # every column averaged over the datasets ...
+            means['hm'] = _harmonic(means['base'], means['new'])  # ... but hm, the HM of the averages, as the peers report it
+            row = {'dataset': 'average', 'setting': setting, **{f'{c}_mean': v for c, v in means.items()}, 'seeds': int(t['seeds'].min())}
             # the seed spread of the average itself: each seed's dataset average, over the seeds run on every dataset
-            per_seed = df[df['setting'] == setting].groupby('seed').agg(base=('base', 'mean'), new=('new', 'mean'), sets=('dataset', 'nunique'))
-            per_seed = per_seed[per_seed['sets'] == t['dataset'].nunique()]
-            if len(per_seed) > 1:
-                row.update(base_std=per_seed['base'].std(ddof=1), new_std=per_seed['new'].std(ddof=1),
-                           hm_std=pd.Series([_harmonic(x, y) for x, y in zip(per_seed['base'], per_seed['new'])]).std(ddof=1))
+            per_seed = seed_averages(df[df['setting'] == setting], cols, t['dataset'].nunique())
+            if len(per_seed) > 1: row.update({f'{c}_std': per_seed[c].std(ddof=1) for c in cols})
             avg.append(row)
         table = pd.concat([table, pd.DataFrame(avg)], ignore_index=True)
     return table
+
 
 # %% ../nbs/15_runner.ipynb #05789426
 def _counted(names: list, what: str) -> str:
@@ -408,13 +414,62 @@ def table_datasets(exp: Experiment, table: pd.DataFrame) -> str:
     targets = [c[:-5] for c in table.columns if c.endswith('_mean') and c[:-5] not in scalars]
     return f"{_counted(sets, 'source dataset')}; {_counted(targets, 'target')}"
 
-def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, params: dict) -> str:
+COLUMNS = {  # what each column of a table means; every table.md lists those it has under the table
+    'dataset': "the test dataset (transfer: the source trained on); `average`: the mean over the datasets above",
+    'setting': 'the method or ablation setting, with `[k=v]` for any parameter that differs from its grid\'s defaults',
+    'base': 'accuracy (%) on the test images of the base classes, the half trained on',
+    'new': 'accuracy (%) on the test images of the new classes, never seen in training, told apart among the new classes only',
+    'hm': 'harmonic mean of base and new; in the `average` row the HM of the averaged base and new, as the peers report it',
+    'resolved': "CAPT's *confusable pairs resolved* (%): of the test images zero-shot CLIP gets wrong (base classes; transfer and "
+                'cross-version: the source set; FSCIL: the last session), the share the method gets right. Zero-shot CLIP itself '
+                'is 0 by definition; blank where zero-shot makes no error',
+    'resolved_target': 'the same on the target model',
+    'source': 'accuracy (%) on the test split of the dataset trained on (cross-version: on the source model)',
+    'target': "accuracy (%) of the saved state moved unchanged to the target (upgraded) model",
+    'source_zs': "zero-shot accuracy (%) of the source model", 'target_zs': 'zero-shot accuracy (%) of the target model',
+    'gain_target': 'target − target_zs: what the moved state adds on the target model (points)',
+    'target_avg': 'mean accuracy (%) over the target datasets',
+    'hm_mean_of_targets': "mean over targets of HM(source, target): the paper's H",
+    'hm_of_means': 'HM of source and target_avg',
+    'mean': 'mean accuracy (%) over the sessions', 'pd': 'performance drop: session 0 minus the last session (points)',
+    'seeds': 'how many seeds each row averages; `±` is the std over them',
+}
+
+def column_notes(exp: Experiment, table: pd.DataFrame) -> list[str]:
+    "One line per column of `table`, in its order: what it measures."
+    cols = ['dataset', 'setting'] + [c[:-5] for c in table.columns if c.endswith('_mean')] + ['seeds']
+    if exp.protocol == 'transfer':
+        notes = {c: COLUMNS.get(c, f'accuracy (%) on the target `{c}`, with the prompts learnt on the source') for c in cols}
+    else: notes = {c: COLUMNS.get(c) or (f'accuracy (%) after session {c[1:]} on every class seen so far'
+                                          if c[:1] == 's' and c[1:].isdigit() else '') for c in cols}
+    return [f'- `{c}`: {notes[c]}' for c in cols]
+
+SKIPPED_SETTINGS = ('config', 'out_dir', 'dataset', 'method', 'seed', 'setting')
+
+def settings_notes(cells_params: list) -> list[str]:
+    "The parameters every cell shares (a null one, each method's own default, left out) and those that vary across the table."
+    keys = dict.fromkeys(k for p in cells_params for k in p if k not in SKIPPED_SETTINGS)
+    shared, varied = {}, []
+    for k in keys:
+        having = [p for p in cells_params if k in p]
+        values = list(dict.fromkeys(json.dumps(p[k], default=str, sort_keys=True) for p in having))
+        some = '' if len(having) == len(cells_params) else ' (in the rows of the methods that have it)'
+        if len(values) > 1: varied.append(f"`{k}` ∈ {{{', '.join(values)}}}{some}")
+        elif having[0][k] not in (None, ''): shared[k] = having[0][k] if not some else f'{having[0][k]}{some}'
+    lines = ['Settings of every cell: `' + json.dumps(shared, default=str) + '`. A parameter not listed (null or empty) takes each method\'s own '
+             'default for the dataset and shots (`cocoamix methods NAME --dataset D --shots K` prints it and its source).']
+    if varied: lines.append('Varied across the table (each value in rows of its own): ' + '; '.join(varied) + '.')
+    return lines
+
+def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, params: dict | list) -> str:
+    "table.md: the title counting its datasets, what the weights are, the table, then every column and setting explained."
+    cells_params = params if isinstance(params, list) else [params]
     cols = [c[:-5] for c in table.columns if c.endswith('_mean')]
     fmt = lambda r, c: '' if pd.isna(r.get(f'{c}_mean')) else (f"{r[f'{c}_mean']:.2f}" + ('' if pd.isna(r.get(f'{c}_std')) else f" ± {r[f'{c}_std']:.2f}"))
     lines = [f'# {exp.name}: {table_datasets(exp, table)}', '', exp.paper, '', f"Weights: {', '.join(sorted(set(table['weights'])))}" if 'weights' in table else '', '']
     if pipeline_check:
         lines += ['> **Pipeline check, not the paper\'s numbers.** These accuracies come from a model with random weights '
-                  f"(`{params.get('model')}`, pretrained = none) on small local data. They show that every stage runs end to "
+                  f"(`{cells_params[0].get('model')}`, pretrained = none) on small local data. They show that every stage runs end to "
                   'end; they say nothing about the method. Run with `--model ViT-B-16 --pretrained openai --data-root DIR` '
                   'for the paper\'s setting.', '']
     if any(str(w).startswith('world model') for w in table.get('weights', [])):
@@ -425,39 +480,62 @@ def markdown_table(exp: Experiment, table: pd.DataFrame, pipeline_check: bool, p
     lines += ['| dataset | setting | ' + ' | '.join(cols) + ' | seeds |', '|' + ' --- |' * (len(cols) + 3)]
     for _, r in table.iterrows():
         lines.append(f"| {r['dataset']} | {r['setting']} | " + ' | '.join(fmt(r, c) for c in cols) + f" | {int(r['seeds'])} |")
-    shown = {k: v for k, v in params.items() if k not in ('config', 'out_dir', 'dataset', 'method', 'seed', 'setting')}
-    spread = ' (the average row: the std over seeds of each seed\'s dataset average)' if (table['dataset'] == 'average').any() else ''
-    lines += ['', f'Values: mean ± std over seeds{spread} (accuracy in %). Settings: `' + json.dumps(shown, default=str) + '`']
+    spread = ' (the `average` row: the std over seeds of each seed\'s dataset average)' if (table['dataset'] == 'average').any() else ''
+    lines += ['', f'Values: mean ± std over seeds{spread}.', '', 'Columns:'] + column_notes(exp, table)
+    lines += [''] + settings_notes(cells_params)
     return '\n'.join(lines) + '\n'
 
+
 # %% ../nbs/15_runner.ipynb #b52f3575
-def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) -> Path:
+def figure_columns(exp: Experiment, df: pd.DataFrame) -> list[str]:
+    "The accuracies a method-comparison figure shows; `resolved` and gains are on other scales and stay in the table."
+    if exp.protocol == 'base2new': return ['base', 'new', 'hm']
+    if exp.protocol == 'cross_version': return ['source', 'target']
+    return [c for c in metric_columns(exp, df) if not c.startswith('resolved')]
+
+def draw(exp: Experiment, df: pd.DataFrame, pipeline_check: bool):
+    "The figure of `df`: each setting's mean over the datasets with the std over seeds of that mean, on an axis fitted to the values."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, seaborn as sns
     sns.set_theme(style='whitegrid', context='notebook')
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    n = df['dataset'].nunique()
+    over = f"mean over {n} dataset{'' if n == 1 else 's'}"
+    # the spread a reader compares methods by is the seed spread of what is plotted, never the spread over datasets
+    per_seed = lambda cols: pd.concat([seed_averages(d, cols, d['dataset'].nunique()).assign(setting=s)
+                                       for s, d in df.groupby('setting', sort=False)]).reset_index()
     if exp.figure == 'sessions':
         sess = [c for c in df.columns if c.startswith('s') and c[1:].isdigit()]
-        long = df.melt(id_vars=['setting', 'seed'], value_vars=sess, var_name='session', value_name='accuracy (%)')
+        long = per_seed(sess).melt(id_vars=['setting', 'seed'], value_vars=sess, var_name='session', value_name='accuracy (%)')
         long['session'] = long['session'].str[1:].astype(int)
         sns.lineplot(data=long, x='session', y='accuracy (%)', hue='setting', marker='o', errorbar='sd', ax=ax)
         ax.set_xticks(sorted(long['session'].unique()))
+        ax.set_ylabel(f'accuracy (%), {over}\nband: std over seeds')
     elif exp.figure == 'heatmap':
         x, y = ('w', 'd') if 'w' in df.columns and df['w'].nunique() > 1 else ('loss', 'mixing')
         metric = 'hm' if 'hm' in df.columns else metric_columns(exp, df)[0]
-        sns.heatmap(df.pivot_table(index=y, columns=x, values=metric, aggfunc='mean'), annot=True, fmt='.1f', cmap='viridis', ax=ax,
-                    cbar_kws={'label': f'{metric} (mean over datasets and seeds)'})
+        sns.heatmap(df.pivot_table(index=y, columns=x, values=metric, aggfunc='mean'), annot=True, fmt='.2f', cmap='viridis', ax=ax,
+                    cbar_kws={'label': f'{metric}, mean over {n} dataset{"" if n == 1 else "s"} and the seeds'})
     else:
-        cols = ['base', 'new', 'hm'] if exp.protocol == 'base2new' else metric_columns(exp, df)
-        long = df.melt(id_vars=['setting', 'seed', 'dataset'], value_vars=cols, var_name='metric', value_name='accuracy (%)')
-        sns.barplot(data=long, x='metric', y='accuracy (%)', hue='setting', errorbar='sd', ax=ax)
+        cols = figure_columns(exp, df)
+        long = per_seed(cols).melt(id_vars=['setting', 'seed'], value_vars=cols, var_name='metric', value_name='accuracy (%)')
+        dodge = 0.6 if long['setting'].nunique() > 1 else False   # seaborn divides the dodge among the settings
+        sns.pointplot(data=long, x='metric', y='accuracy (%)', hue='setting', errorbar='sd', dodge=dodge, linestyle='none',
+                      markers='o', capsize=0.08, err_kws={'linewidth': 1.2}, ax=ax)
+        ax.set_ylabel(f'accuracy (%), {over}\nbars: std over seeds')
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), title='setting', title_fontsize=8)
     weights = ', '.join(sorted(df['weights'].unique())) if 'weights' in df else ''
-    n = df['dataset'].nunique()
     title = f"{exp.name}, {n} dataset{'' if n == 1 else 's'}" + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f' — weights: {weights}')
     ax.set_title(title, fontsize=10)
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+    fig.tight_layout()
+    return fig
+
+def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) -> Path:
+    "figure.png of `df` (see `draw`)."
+    import matplotlib.pyplot as plt
+    fig = draw(exp, df, pipeline_check); fig.savefig(path, dpi=120); plt.close(fig)
     return path
+
 
 # %% ../nbs/15_runner.ipynb #0f2e9d9d
 def _hub_tag(v) -> bool:
@@ -496,10 +574,15 @@ def validate_grid(name: str, cells: list) -> None:
 
 VOLATILE = ('start_time', 'end_time', 'duration', 'input_path', 'output_path', 'environment_variables', 'exception', 'status')
 
-def stable_record(path: Path) -> None:
-    "Drop the executed notebook's timings and paths, so the same grid gives the same record (a fresh clone stays clean)."
+def stable_record(path: Path, tag: str | None = None) -> None:
+    "Drop the executed notebook's timings, paths and run tag, so the same grid gives the same record (a fresh clone stays clean)."
     import nbformat
     nb = nbformat.read(str(path), as_version=4)
+    if tag:   # the run's own progress and summary files are named by host and pid: the record names neither
+        for c in nb.cells: c.source = c.source.replace(f'.{tag}.json', '.json')
+        given = nb.metadata.get('papermill', {}).get('parameters', {})
+        for k in ('progress_file', 'summary_file'):
+            if isinstance(given.get(k), str): given[k] = given[k].replace(f'.{tag}.json', '.json')
     for meta in [nb.metadata] + [c.metadata for c in nb.cells]:
         for k in VOLATILE: meta.get('papermill', {}).pop(k, None)
         meta.pop('execution', None)
@@ -513,7 +596,8 @@ class RunSummary:
     experiment: str
     cells: list
     ran: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # finished before this run started
+    elsewhere: list = field(default_factory=list)  # finished meanwhile by another run (or an earlier Slurm submission) it waited for
     failed: list = field(default_factory=list)   # (cell, message)
     table: pd.DataFrame | None = None
     files: dict = field(default_factory=dict)
@@ -564,7 +648,7 @@ def run_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=Non
         for c, err in run_cells(cells, run_cell_safely, progress=progress, progress_file=progress_file, **(executor or {})):
             if err: s.failed.append((c, err))
             elif (read_metrics(c.metrics_path) or {}).get('run_id') == run_id: s.ran.append(c)
-            else: s.skipped.append(c)   # another run claimed it and finished it meanwhile
+            else: s.elsewhere.append(c)   # another run claimed it and finished it meanwhile
     except KeyboardInterrupt:
         s.interrupted = True
     files = write_outputs(name, out, cells if only_this_grid else finished_cells(name, out))
@@ -572,8 +656,9 @@ def run_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=Non
     return s
 
 def summary_record(s: RunSummary) -> dict:
-    "What the notebook hands back to the command line (ran / skipped / failed by folder)."
+    "What the notebook hands back to the command line (ran / skipped / elsewhere / failed by folder)."
     return {'experiment': s.experiment, 'ran': [str(c.out_dir) for c in s.ran], 'skipped': [str(c.out_dir) for c in s.skipped],
+            'elsewhere': [str(c.out_dir) for c in s.elsewhere],
             'failed': [[str(c.out_dir), m] for c, m in s.failed], 'files': {k: str(v) for k, v in s.files.items()},
             'interrupted': s.interrupted}
 
@@ -603,22 +688,23 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
     if not notebook: return run_grid(name, out, datasets, settings, seeds, params, sweeps, executor, progress, None, only_this_grid)
     import papermill as pm, threading
     folder = (Path(out)/name).resolve(); folder.mkdir(parents=True, exist_ok=True)
-    progress_file, summary_file = folder/'.progress.json', folder/'.summary.json'
-    for f in (progress_file, summary_file): f.unlink(missing_ok=True)
+    # this run's own files: two runs on one --out never read each other's progress, summary or partial record
+    tag = f'{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}'
+    progress_file, summary_file = folder/f'.progress.{tag}.json', folder/f'.summary.{tag}.json'
     nb_params = dict(datasets=list(datasets or []), methods=list(settings or []), seeds=[int(k) for k in seeds or []],
                      params=dict(params or {}), sweeps={k: list(v) for k, v in (sweeps or {}).items()}, out=str(out),
                      executor=dict(executor or {}), progress_file=str(Path(out)/name/progress_file.name),   # relative, like `out`:
                      summary_file=str(Path(out)/name/summary_file.name),                                       # the record names no machine
                      only_this_grid=only_this_grid)
     err, record = {}, folder/f'{name}.ipynb'
-    partial = folder/f'.{name}.partial.ipynb'   # papermill writes here as it goes; the record is replaced only when the run completes
+    partial = folder/f'.{name}.{tag}.partial.ipynb'   # papermill writes here as it goes; the record is replaced only when the run completes
     def execute():
         try: pm.execute_notebook(str(experiments_dir()/get_experiment(name).notebook), str(partial),
                                  parameters=nb_params, progress_bar=False, kernel_name=kernel_name, cwd=os.getcwd())
         except BaseException as e: err['e'] = e
     terminal = os.fdopen(os.dup(2), 'w')                  # the bar stays on the terminal ...
-    kernel_log = open(folder/'.kernel.log', 'w')
-    os.dup2(kernel_log.fileno(), 2)                       # ... the kernel's own chatter goes to OUT/EXP/.kernel.log
+    kernel_log = open(folder/f'.kernel.{tag}.log', 'w')
+    os.dup2(kernel_log.fileno(), 2)                       # ... the kernel's own chatter goes to OUT/EXP/.kernel.<run>.log
     try:
         worker = threading.Thread(target=execute, daemon=True); worker.start()
         with tqdm(total=sum(not c.done for c in cells), desc=name, disable=not progress, unit='cell', file=terminal) as bar:
@@ -627,28 +713,36 @@ def run_experiment(name: str, out: str | Path = 'outputs', datasets=None, settin
             _draw(progress_file, bar)
     except BaseException:   # Ctrl-C, SIGTERM: the committed record stays as it was; the partial one is kept apart, named as such
         if partial.is_file(): os.replace(partial, folder/f'{name}.interrupted.ipynb')
+        for f in (progress_file, summary_file): f.unlink(missing_ok=True)
+        from cocoamix.executors import jobs_note   # Slurm jobs go on after Ctrl-C: the terminal says which, and where their logs are
+        if (note := jobs_note(folder)): print('\n' + note, file=terminal, flush=True)
         raise
     finally:
         os.dup2(terminal.fileno(), 2); kernel_log.close()
     interrupted = summary_file.is_file() and json.loads(summary_file.read_text()).get('interrupted')
     if partial.is_file():
         if 'e' in err or interrupted: os.replace(partial, folder/f'{name}.interrupted.ipynb')
-        else: stable_record(partial); os.replace(partial, record); (folder/f'{name}.interrupted.ipynb').unlink(missing_ok=True)
+        else: stable_record(partial, tag); os.replace(partial, record); (folder/f'{name}.interrupted.ipynb').unlink(missing_ok=True)
     s = RunSummary(name, cells)
     if summary_file.is_file():
         rec, by_dir = json.loads(summary_file.read_text()), {str(c.out_dir.resolve()): c for c in cells}
         pick = lambda d: by_dir.get(str(Path(d).resolve()))
-        s.ran, s.skipped = [pick(d) for d in rec['ran']], [pick(d) for d in rec['skipped']]
+        s.ran, s.skipped, s.elsewhere = ([pick(d) for d in rec[k]] for k in ('ran', 'skipped', 'elsewhere'))
         s.failed = [(pick(d), m) for d, m in rec['failed']]
         s.files, s.interrupted = {k: Path(v) for k, v in rec['files'].items()}, rec['interrupted']
         if (folder/'table.csv').is_file(): s.table = pd.read_csv(folder/'table.csv')
     elif 'e' in err:
         s.failed.append((None, f'the experiment notebook failed ({folder/f"{name}.interrupted.ipynb"}): {str(err["e"]).strip().splitlines()[-1][:300] if str(err["e"]).strip() else type(err["e"]).__name__}'))
-    s.files['notebook'] = folder/f'{name}.ipynb'
+    kept = folder/f'{name}.interrupted.ipynb'   # a failed or interrupted run names the partial record it kept, not the committed one
+    s.files['notebook'] = kept if ('e' in err or interrupted) and kept.is_file() else folder/f'{name}.ipynb'
+    for f in (progress_file, summary_file): f.unlink(missing_ok=True)
+    if not s.failed and not s.interrupted: (folder/f'.kernel.{tag}.log').unlink(missing_ok=True)   # kept when it may explain a failure
     return s
 
 def print_summary(s: RunSummary) -> None:
-    print(f'{s.experiment}: {len(s.ran)} cells run, {len(s.skipped)} already finished (skipped), {len(s.failed)} failed')
+    meanwhile = f', {len(s.elsewhere)} finished meanwhile by another run or an earlier submission (waited for)' if s.elsewhere else ''
+    print(f'{s.experiment}: {len(s.ran)} cells computed by this run, {len(s.skipped)} finished before it (skipped){meanwhile}, '
+          f'{len(s.failed)} failed')
     for c, msg in s.failed:
         if c is None: print(f'  FAILED: {msg}'); continue   # not a cell: the notebook, or a table that could not be written
         print(f'  FAILED {c.dataset} / {c.setting} / seed {c.seed}: see {c.out_dir/"error.txt"}\n    {msg}')

@@ -166,7 +166,7 @@ def test_the_world_weights_file_is_the_world_model(tmp_path):
             '--out', str(tmp_path / 'out'), '--cache-dir', str(tmp_path / 'cache'), '--param', 'n_views=1', '--in-process', '--quiet',
             env={'COCOAMIX_OFFLINE': 'builtin'})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert 'running as --pretrained world' in r.stderr and '1 cells run' in r.stdout
+    assert 'running as --pretrained world' in r.stderr and '1 cells computed by this run' in r.stdout
     rec = json.loads(next((tmp_path / 'out' / 'base2new').rglob('metrics.json')).read_text())
     assert rec['params']['pretrained'] == 'world' and rec['world']['weights_sha256_16'] and not rec['pipeline_check']
 

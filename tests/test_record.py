@@ -1,5 +1,5 @@
 """What a run leaves behind: the committed record survives an interrupt, a sweep multiplies only the methods it applies to."""
-import os, shutil, signal, subprocess, sys, time
+import os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,7 @@ def test_interrupt_leaves_the_committed_record_intact(tmp_path):
     run = subprocess.Popen(CLI + ['base2new', '--methods', 'coop', '--seeds', '1', '2', '3', '--epochs', '400', '--out', str(tmp_path),
                                   '--quiet'], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (folder / '.base2new.partial.ipynb').is_file() and time.time() < deadline and run.poll() is None: time.sleep(0.2)
+    while not list(folder.glob('.base2new.*.partial.ipynb')) and time.time() < deadline and run.poll() is None: time.sleep(0.2)
     time.sleep(3)   # papermill is executing the notebook's cells
     assert run.poll() is None, 'the run ended before it could be interrupted'
     run.send_signal(signal.SIGINT)
@@ -53,6 +53,30 @@ def test_interrupt_leaves_the_committed_record_intact(tmp_path):
     assert (folder / 'base2new.interrupted.ipynb').is_file()  # the partial one is kept apart, named as such
     left = {p.name for p in folder.iterdir()} - listing
     assert all(_ignored(n) for n in left), left                # nothing a clean tree would show
+
+
+def _counts(stdout: str) -> dict:
+    "The run's own summary line: cells computed by this run, finished before it, finished meanwhile by another run."
+    line = next(l for l in stdout.splitlines() if 'cells computed by this run,' in l)
+    num = lambda key: int(line.split(key)[0].split()[-1]) if key in line else 0
+    return {'ran': num(' cells computed by this run,'), 'before': num(' finished before it'), 'meanwhile': num(' finished meanwhile')}
+
+
+def test_two_identical_grids_at_once_report_what_each_computed(tmp_path):
+    "Two `cocoamix run` of one grid on one --out, through the notebook: their summaries add up to the grid, no cell twice."
+    env = {**os.environ, 'COCOAMIX_OFFLINE': 'builtin', 'COCOAMIX_CACHE': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1'}
+    args = CLI + ['base2new', '--methods', 'coop', '--seeds', '1', '2', '3', '4', '--epochs', '2', '--out', str(tmp_path / 'out'), '--quiet']
+    procs = [subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    counts = [_counts(o) for o, _ in outs]
+    assert sum(c['ran'] for c in counts) == 4, counts                        # each cell computed by exactly one run ...
+    assert all(c['ran'] + c['before'] + c['meanwhile'] == 4 for c in counts), counts   # ... and each run accounts for the grid
+    assert all(f"{c['ran']} cells computed by this run in" in o for c, (o, _) in zip(counts, outs))
+    folder = tmp_path / 'out' / 'base2new'
+    assert not list(folder.glob('.summary*')) and not list(folder.glob('.progress*')) and not list(folder.glob('.*.partial.ipynb'))
+    record = (folder / 'base2new.ipynb').read_text()
+    assert '.summary.json' in record and not re.search(r'\.(summary|progress)\.[^"\\\s]+\.json', record)   # it names no host, no pid
 
 
 def test_damaged_world_weights_are_refused_before_any_cell(tmp_path, monkeypatch):

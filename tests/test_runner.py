@@ -27,7 +27,7 @@ def test_table_is_the_mean_of_the_seeds(runs, name, settings):
     out, _, _, first = runs
     r = first[name]
     assert r.returncode == 0, r.stdout + r.stderr
-    assert '4 cells run, 0 already finished' in r.stdout
+    assert '4 cells computed by this run, 0 finished before it' in r.stdout
     table = pd.read_csv(out / name / 'table.csv')
     labels = [s if s == 'zsclip' else f'{s} [epochs=3]' for s in settings]   # a value off the grid's defaults is in the row's label,
                                                                               # unless the method has no such parameter (zero-shot CLIP)
@@ -73,7 +73,7 @@ def test_rerun_recomputes_nothing(runs):
     out, cache, common, _ = runs
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob('metrics.json')}
     r = cli('base2new', '--methods', 'zsclip', 'cocoamix', *common)
-    assert r.returncode == 0 and '0 cells run, 4 already finished' in r.stdout
+    assert r.returncode == 0 and '0 cells computed by this run, 4 finished before it' in r.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob('metrics.json')} == stamps
 
 
@@ -125,7 +125,7 @@ def test_two_identical_runs_at_once_compute_each_cell_once(tmp_path, runs):
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    ran = [int(o.split(' cells run')[0].split()[-1]) for o, _ in outs]
+    ran = [int(o.split(' cells computed by this run,')[0].split()[-1]) for o, _ in outs]
     assert sum(ran) == 3                                               # every cell computed by exactly one of the runs
     assert all(read_metrics(p) is not None for p in tmp_path.rglob('metrics.json')) and len(list(tmp_path.rglob('metrics.json'))) == 3
     assert len(pd.read_csv(tmp_path / 'base2new' / 'table.csv')) == 1
@@ -146,7 +146,7 @@ def test_an_interrupted_grid_resumes_without_recomputing(tmp_path, runs, sig, co
     done = {m: m.stat().st_mtime_ns for m in tmp_path.rglob('metrics.json')}
     assert 1 <= len(done) < 8 and all(read_metrics(m) is not None for m in done)
     r = cli(*args)
-    assert r.returncode == 0 and f'{8 - len(done)} cells run, {len(done)} already finished' in r.stdout
+    assert r.returncode == 0 and f'{8 - len(done)} cells computed by this run, {len(done)} finished before it' in r.stdout
     assert {m: m.stat().st_mtime_ns for m in done} == done
 
 
