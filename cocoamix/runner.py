@@ -514,8 +514,13 @@ def draw(exp: Experiment, df: pd.DataFrame, pipeline_check: bool):
     elif exp.figure == 'heatmap':
         x, y = ('w', 'd') if 'w' in df.columns and df['w'].nunique() > 1 else ('loss', 'mixing')
         metric = 'hm' if 'hm' in df.columns else metric_columns(exp, df)[0]
-        sns.heatmap(df.pivot_table(index=y, columns=x, values=metric, aggfunc='mean'), annot=True, fmt='.2f', cmap='viridis', ax=ax,
-                    cbar_kws={'label': f'{metric}, mean over {n} dataset{"" if n == 1 else "s"} and the seeds'})
+        cols = ['base', 'new', 'hm'] if metric == 'hm' and {'base', 'new'} <= set(df.columns) else [metric]
+        cells = {k: seed_averages(d, cols, d['dataset'].nunique())[metric] for k, d in df.groupby([y, x])}
+        mean = pd.Series({k: v.mean() for k, v in cells.items()}).unstack()
+        text = pd.Series({k: f'{v.mean():.2f}' + (f'\n± {v.std(ddof=1):.2f}' if len(v) > 1 else '') for k, v in cells.items()}).unstack()
+        sns.heatmap(mean, annot=text.loc[mean.index, mean.columns].values, fmt='', cmap='viridis', ax=ax,
+                    cbar_kws={'label': f'{metric}, mean over {n} dataset{"" if n == 1 else "s"}\n(± std over seeds)'})
+        ax.set_xlabel(x); ax.set_ylabel(y)
     else:
         cols = figure_columns(exp, df)
         long = per_seed(cols).melt(id_vars=['setting', 'seed'], value_vars=cols, var_name='metric', value_name='accuracy (%)')
@@ -524,8 +529,10 @@ def draw(exp: Experiment, df: pd.DataFrame, pipeline_check: bool):
                       markers='o', capsize=0.08, err_kws={'linewidth': 1.2}, ax=ax)
         ax.set_ylabel(f'accuracy (%), {over}\nbars: std over seeds')
         ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), title='setting', title_fontsize=8)
+        if len(cols) > 4: plt.setp(ax.get_xticklabels(), rotation=30, ha='right')   # target names would overlap
     weights = ', '.join(sorted(df['weights'].unique())) if 'weights' in df else ''
-    title = f"{exp.name}, {n} dataset{'' if n == 1 else 's'}" + (' — PIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f' — weights: {weights}')
+    targets = [c for c in metric_columns(exp, df) if c not in COLUMNS] if exp.protocol == 'transfer' else []
+    title = f"{exp.name}, {n} dataset{'' if n == 1 else 's'}" + (f" → {len(targets)} target{'' if len(targets) == 1 else 's'}" if targets else '') + ('\nPIPELINE CHECK (random weights), not paper numbers' if pipeline_check else f'\nweights: {weights}')
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
