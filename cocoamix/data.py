@@ -15,11 +15,11 @@ from PIL import Image
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'TRAIN_AUGMENTATIONS', 'EUROSAT_RENAMES', 'CALTECH_RENAMES', 'FASHION_MNIST_CLASSES',
            'BUILTIN', 'DIGITS_CLASSES', 'IMAGENET_V2_DIR', 'BUILTINS', 'REGISTRY', 'COOP_DATASETS', 'IMAGENET_VARIANTS',
-           'IMAGE_EXTS', 'SOURCES', 'Split', 'DatasetSplits', 'ImageDataset', 'to_rgb', 'train_transform',
-           'test_transform', 'in_frame_transform', 'split_train_transform', 'normalise_classname', 'DatasetInfo',
-           'package_data_dir', 'data_root', 'read_coop_split', 'load_dataset', 'few_shot', 'few_shot_splits',
-           'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_index_dirs', 'find_fscil_index_dir',
-           'fscil_sessions', 'image_file_report', 'check_data']
+           'IMAGE_EXTS', 'VAL_FOLDERS', 'SOURCES', 'Split', 'DatasetSplits', 'ImageDataset', 'to_rgb',
+           'train_transform', 'test_transform', 'in_frame_transform', 'split_train_transform', 'normalise_classname',
+           'DatasetInfo', 'package_data_dir', 'data_root', 'read_coop_split', 'load_dataset', 'few_shot',
+           'few_shot_splits', 'base_new_split', 'FSCILSession', 'FSCILSplits', 'fscil_index_dirs',
+           'find_fscil_index_dir', 'fscil_sessions', 'image_file_report', 'check_data']
 
 # %% ../nbs/01_data.ipynb #7035427f
 def _as_rgb(im: Image.Image) -> Image.Image:
@@ -37,7 +37,7 @@ class Split:
     def __post_init__(self):
         self.items = list(self.items)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        self.classnames = list(self.classnames)
+        self.classnames = [str(c) for c in self.classnames]   # plain str: numpy.str_ names break json keys, pyarrow, type checks
         if len(self.items) != len(self.labels):
             raise ValueError(f'{self.name}: {len(self.items)} items but {len(self.labels)} labels')
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
@@ -487,20 +487,27 @@ def _three_way(split: Split, seed: int, p_trn=0.5, p_val=0.2):
     base = split.name.rsplit('/', 1)[0]
     return tuple(split.subset(sorted(p), f'{base}/{n}') for p, n in zip(parts, ('train', 'val', 'test')))
 
+VAL_FOLDERS = ('val', 'validation', 'valid', 'dev')   # a validation split's folder: the names Hugging Face's imagefolder takes too
+
 def _read_folder(path: Path, info, key, root, seed=0, val_fraction=0.2, classnames=None):
     def classes(d):
         raw = [c for c in _subdirs(d) if c not in (info.drop if info else ())]
         return raw, [info.normalise(c) if info else normalise_classname(c) for c in raw]
-    split_dirs = [p for p in ('train', 'val', 'test') if (path / p).is_dir()]
+    split_dirs = {p: path / p for p in ('train', 'test') if (path / p).is_dir()}
     if 'train' in split_dirs and 'test' in split_dirs:
+        vals = [v for v in VAL_FOLDERS if (path / v).is_dir()]
+        if len(vals) > 1: raise ValueError(f'{path}: {vals[0]}/ and {vals[1]}/ are both a validation split; keep one of them')
+        if vals: split_dirs['val'] = path / vals[0]
         raw, names = classes(path / 'train')
-        for p in split_dirs:
-            other = sorted(set(classes(path / p)[0]) - set(raw))
-            if other: raise ValueError(f'{path / p}: class folder {other[0]!r} is not among the train classes')
+        for p, d in split_dirs.items():
+            other = sorted(set(classes(d)[0]) - set(raw))
+            if other: raise ValueError(f'{d}: class folder {other[0]!r} is not among the train classes')
         _check_classnames(names, classnames or (info.classnames if info else None), str(path))
-        sp = {p: _folder_split([path / p / r for r in raw], range(len(raw)), names, f'{key}/{p}') for p in split_dirs}
-        if 'val' not in sp: sp['train'], sp['val'] = _holdout(sp['train'], val_fraction, seed)
-        return sp['train'], sp['val'], sp['test'], names, f'folder: {path} (train/val/test folders)'
+        sp = {p: _folder_split([d / r for r in raw], range(len(raw)), names, f'{key}/{p}') for p, d in split_dirs.items()}
+        if vals: return sp['train'], sp['val'], sp['test'], names, f'folder: {path} (train/{vals[0]}/test folders)'
+        sp['train'], sp['val'] = _holdout(sp['train'], val_fraction, seed)
+        return (sp['train'], sp['val'], sp['test'], names,
+                f'folder: {path} (train/test folders; val = {val_fraction:.0%} of train, seed {seed}: no {"/, ".join(VAL_FOLDERS)}/ folder)')
     raw, names = classes(path)
     if not raw: raise _missing(path / '<class>', info, root, 'class folders')
     _check_classnames(names, classnames or (info.classnames if info else None), str(path))

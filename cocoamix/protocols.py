@@ -237,6 +237,8 @@ def evaluate_state(state, dataset: str, data_root=None, model: str | None = None
         rb = evaluate(m, feats(base.test), base.classnames, ds.template, split=base.test)
         rn = evaluate(m, feats(new.test), new.classnames, ds.template, split=new.test)
         return {'base': rb['acc'], 'new': rn['acc'], 'hm': harmonic_mean(rb['acc'], rn['acc']), 'zs_base': rb['zs_acc'], 'zs_new': rn['zs_acc'],
-                'confusable_resolved_base': rb['confusable_resolved'], 'confusable_resolved_new': rn['confusable_resolved']}
+                'confusable_resolved_base': rb['confusable_resolved'], 'confusable_resolved_new': rn['confusable_resolved'],
+                'confusion_base': rb['confusion'], 'confusion_new': rn['confusion'], 'per_class_base': rb['per_class'], 'per_class_new': rn['per_class']}
     r = evaluate(m, feats(ds.test), ds.classnames, ds.template, split=ds.test)
-    return {'acc': r['acc'], 'zs_acc': r['zs_acc'], 'confusable_resolved': r['confusable_resolved']}
+    return {'acc': r['acc'], 'zs_acc': r['zs_acc'], 'confusable_resolved': r['confusable_resolved'], 'confusion': r['confusion'],
+            'per_class': r['per_class']}

@@ -20,12 +20,12 @@ from .data import Split, DatasetSplits, CLIP_MEAN, CLIP_STD, package_data_dir
 # %% auto #0
 __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_COLOURS', 'PART_POSITIONS', 'PART_SIZES',
            'TEMPLATE_WORDS', 'DOWNSTREAM', 'SOURCE', 'VARIANTS', 'FSCIL', 'DATASETS', 'STYLES', 'STYLE_IDS', 'NAMED',
-           'DESCRIBED', 'BOTH', 'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'world_nouns',
-           'Mode', 'Category', 'DatasetSpec', 'World', 'get_world', 'style_params', 'sample_scene', 'render',
-           'describe', 'caption', 'pretrain_batch', 'world_dataset', 'register_world', 'register_world_model',
-           'world_model', 'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'load_world_clip',
-           'weights_hash', 'world_weights', 'world_identity', 'world_train_transform', 'calibrate_base2new',
-           'calibration_table']
+           'DESCRIBED', 'BOTH', 'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'EXPORT_FORMATS',
+           'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category', 'DatasetSpec', 'World', 'get_world', 'style_params',
+           'sample_scene', 'render', 'describe', 'caption', 'pretrain_batch', 'world_dataset', 'register_world',
+           'register_world_model', 'world_model', 'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model',
+           'load_world_clip', 'weights_hash', 'world_weights', 'world_identity', 'world_train_transform',
+           'calibrate_base2new', 'calibration_table', 'coop_name', 'export_world', 'read_wds']
 
 # %% ../nbs/20_world.ipynb #w004
 WORLD_VERSION = 'world-v1'   # bump whenever the generator, the vocabulary or the datasets change
@@ -126,7 +126,7 @@ class World:
         nouns = world_nouns()
         reserved = _reserved()
         ok = [n for n in nouns if n.isalpha() and n.islower() and 4 <= len(n) <= 10 and n not in reserved]
-        special = list(rng.permutation(ok))
+        special = [str(n) for n in rng.permutation(ok)]   # plain str, not numpy.str_ (same draws)
         triples = [(s, h, p) for s in SHAPES for h in HUES for p in PATTERNS]
         taken, cats = set(), []
         self.datasets: dict[str, list[int]] = {}
@@ -712,3 +712,140 @@ def calibration_table(res: dict) -> str:
     a = res['average']
     rows.append(f"| **average** | {a['zs_all']:.1f} | {a['zs_base']:.1f} | {a['zs_new']:.1f} | {a['coop_base']:.1f} | {a['coop_new']:.1f} | |")
     return '\n'.join(rows)
+
+# %% ../nbs/20_world.ipynb #w047
+EXPORT_FORMATS = ('imagefolder', 'hf', 'wds', 'coop')
+WDS_SHARD_SIZE = 10_000   # samples per tar shard: CLIP_benchmark's `--max-count` default (webdataset_builder.py)
+
+def coop_name(key: str) -> str:
+    "The CamelCase name a Dassl dataset class and its split file take: `world_flora` -> `WorldFlora` (`split_zhou_WorldFlora.json`)."
+    return ''.join(w.capitalize() for w in key.split('_'))
+
+def _png(a: np.ndarray) -> bytes:
+    "Lossless PNG of a uint8 image: the pixels cocoamix trains and tests on, bit for bit."
+    import io
+    from PIL import Image
+    buf = io.BytesIO(); Image.fromarray(np.ascontiguousarray(a)).convert('RGB').save(buf, format='PNG')
+    return buf.getvalue()
+
+def _export_splits(ds: DatasetSplits, max_per_class: int | None) -> dict:
+    "train / val / test in class-major order (the order every folder reader gives back), optionally the first N per class."
+    out = {}
+    for part in ('train', 'val', 'test'):
+        sp = getattr(ds, part)
+        idx = np.argsort(sp.labels, kind='stable')
+        if max_per_class is not None:
+            idx = np.concatenate([idx[sp.labels[idx] == c][:max_per_class] for c in range(len(ds.classnames))]).astype(np.int64)
+        out[part] = sp.subset(idx)
+    return out
+
+def _write_tar(path: Path, members: list):
+    "A tar of (name, bytes) with fixed metadata (mtime 0, root, 0o444): the same samples give the same bytes."
+    import io, tarfile
+    with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name); ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), 0, 0o444, '', ''
+            tf.addfile(ti, io.BytesIO(data))
+
+def _describe(key: str, fmt: str, ds: DatasetSplits, splits: dict, seed: int, max_per_class) -> dict:
+    return {'dataset': key, 'format': fmt, 'world_version': WORLD_VERSION, 'world_seed': seed, 'template': ds.template,
+            'classnames': [str(c) for c in ds.classnames], 'counts': {p: len(s) for p, s in splits.items()},
+            'max_per_class': max_per_class, 'source': ds.source, 'image_size': 32, 'image_format': 'png (lossless, RGB)',
+            'model': 'local-dir:data/world (open_clip), the frozen world CLIP', 'weights_sha256_16': WORLD_WEIGHTS_SHA}
+
+def _readme(info: dict) -> str:
+    key, fmt, t = info['dataset'], info['format'], info['template']
+    how = {'imagefolder': f"`<split>/<class name>/<index>.png` for train, val and test (label = the class's position in sorted order).\n"
+                          f"cocoamix: `load_dataset('{key}', source='folder', path='<this folder>')`; torchvision: `ImageFolder('<this folder>/test')`.",
+           'hf': "`datasets.DatasetDict.save_to_disk` with splits train, validation and test (those not empty); columns `image` (PNG) and `label` (ClassLabel).\n"
+                 f"cocoamix: `load_dataset('{key}', source='hf', path='<this folder>')`; datasets: `datasets.load_from_disk('<this folder>')`.",
+           'wds': "webdataset shards `<split>/0.tar ...` (samples `s0000000.png`, `.cls` = label, `.txt` = class name; written with the "
+                  "standard library's tarfile), `<split>/nshards.txt`, `classnames.txt` and `zeroshot_classification_templates.txt`: "
+                  f"CLIP_benchmark's wds layout (`--dataset wds/{key} --dataset_root <this folder>`).",
+           'coop': f"CoOp's layout: `images/<class name>/<split>_<index>.png` and `split_zhou_{coop_name(key)}.json` "
+                   f"(`{{\"train\"|\"val\"|\"test\": [[path under images/, label, class name], ...]}}`), read by CoOp's "
+                   f"`OxfordPets.read_split` and by cocoamix's `read_coop_split`. In a peer's repository its template goes in "
+                   f"`CUSTOM_TEMPLATES['{coop_name(key)}'] = {t!r}`."}[fmt]
+    return (f"# {key} ({info['world_version']}, world seed {info['world_seed']})\n\nWritten by `cocoamix world export {key} --format {fmt}`: "
+            f"the images cocoamix itself trains and tests on, lossless.\n\n- template (t_0): `{t}`\n- classes: {len(info['classnames'])}\n"
+            f"- images: " + ', '.join(f'{p} {n}' for p, n in info['counts'].items()) + "\n- model: `open_clip.create_model_and_transforms('local-dir:data/world')` "
+            f"in a cocoamix checkout (weights sha256 {info['weights_sha256_16']}...)\n\n{how}\n\n`world.json` holds all of this, with the class names in label order.\n")
+
+def export_world(key: str, fmt: str, out, seed: int = 0, max_per_class: int | None = None) -> Path:
+    """Write world dataset `key` to `out/key/` as `fmt` (`EXPORT_FORMATS`): PNG images identical to the arrays cocoamix uses,
+    plus `world.json` and `README.md` (template, class names, counts). Written to a temporary folder, then renamed: all or nothing."""
+    import json, os, shutil
+    if fmt not in EXPORT_FORMATS: raise ValueError(f'unknown export format {fmt!r}; choose one of {", ".join(EXPORT_FORMATS)}')
+    if key not in DATASETS: raise ValueError(f'unknown world dataset {key!r}; known: {", ".join(DATASETS)}')
+    if max_per_class is not None and max_per_class < 1: raise ValueError(f'max_per_class must be at least 1, got {max_per_class}')
+    from cocoamix.data import normalise_classname
+    out = Path(out); dest = out / key
+    if dest.exists(): raise FileExistsError(f'{dest} exists already: remove it, or export to another --out')
+    ds = world_dataset(key, seed)
+    names = [str(c) for c in ds.classnames]
+    bad = next((c for c in names if normalise_classname(c) != c or '/' in c or c in ('.', '..')), None)
+    if bad is not None: raise ValueError(f'{key}: class name {bad!r} cannot be a folder name that reads back unchanged')
+    splits = _export_splits(ds, max_per_class)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f'.{key}.partial-{os.getpid()}'
+    if tmp.exists(): shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if fmt == 'imagefolder':
+            for part, sp in splits.items():
+                for c in names: (tmp / part / c).mkdir(parents=True)   # every class folder in every split: labels stay aligned
+                for i, (a, y) in enumerate(zip(sp.items, sp.labels)): (tmp / part / names[y] / f'{i:05d}.png').write_bytes(_png(a))
+        elif fmt == 'coop':
+            rows = {}
+            for part, sp in splits.items():
+                rows[part] = []
+                for i, (a, y) in enumerate(zip(sp.items, sp.labels)):
+                    rel = f'{names[y]}/{part}_{i:05d}.png'
+                    (tmp / 'images' / names[y]).mkdir(parents=True, exist_ok=True)
+                    (tmp / 'images' / rel).write_bytes(_png(a)); rows[part].append([rel, int(y), names[y]])
+            (tmp / f'split_zhou_{coop_name(key)}.json').write_text(json.dumps(rows, indent=1) + '\n')
+        elif fmt == 'wds':
+            for part, sp in splits.items():
+                if not len(sp): continue   # a shifted rendering has a test split only
+                (tmp / part).mkdir()
+                samples = [(f's{i:07d}', a, int(y)) for i, (a, y) in enumerate(zip(sp.items, sp.labels))]
+                shards = [samples[i:i + WDS_SHARD_SIZE] for i in range(0, len(samples), WDS_SHARD_SIZE)]
+                for j, shard in enumerate(shards):
+                    _write_tar(tmp / part / f'{j}.tar', [m for k, a, y in shard for m in
+                               ((f'{k}.png', _png(a)), (f'{k}.cls', str(y).encode()), (f'{k}.txt', names[y].encode()))])
+                (tmp / part / 'nshards.txt').write_text(f'{len(shards)}\n')
+            (tmp / 'classnames.txt').write_text('\n'.join(names) + '\n')
+            (tmp / 'zeroshot_classification_templates.txt').write_text(ds.template.replace('{}', '{c}') + '\n')  # CLIP_benchmark: template.format(c=...)
+        else:
+            import datasets as hfds
+            feats = hfds.Features({'image': hfds.Image(), 'label': hfds.ClassLabel(names=names)})
+            dd = hfds.DatasetDict({hf_part: hfds.Dataset.from_dict(
+                {'image': [{'bytes': _png(a), 'path': None} for a in sp.items], 'label': [int(y) for y in sp.labels]}, features=feats)
+                for hf_part, sp in zip(('train', 'validation', 'test'), splits.values()) if len(sp)})   # datasets cannot reload an empty split
+            bars = hfds.utils.logging.is_progress_bar_enabled()
+            hfds.disable_progress_bars()
+            try: dd.save_to_disk(str(tmp))
+            finally:
+                if bars: hfds.enable_progress_bars()
+        info = _describe(key, fmt, ds, splits, seed, max_per_class)
+        (tmp / 'world.json').write_text(json.dumps(info, indent=1) + '\n')
+        (tmp / 'README.md').write_text(_readme(info))
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+    return dest
+
+def read_wds(root, split: str = 'test') -> Split:
+    "A split of a `wds` export read back with the standard library (the shards in order, samples in order)."
+    import io, json, tarfile
+    from PIL import Image
+    root = Path(root); d = root / split
+    if not (d / 'nshards.txt').is_file(): raise FileNotFoundError(f'{d / "nshards.txt"} not found: is {root} a wds export with a {split} split?')
+    names = [l.strip() for l in (root / 'classnames.txt').read_text().splitlines() if l.strip()]
+    items, labels = [], []
+    for j in range(int((d / 'nshards.txt').read_text())):
+        with tarfile.open(d / f'{j}.tar') as tf:
+            for m in tf.getmembers():
+                if m.name.endswith('.png'): items.append(np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())).convert('RGB')))
+                elif m.name.endswith('.cls'): labels.append(int(tf.extractfile(m).read()))
+    return Split(items, labels, names, f'{root.name}/{split}', 'in_frame')
