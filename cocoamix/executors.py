@@ -4,23 +4,24 @@
 
 # %% ../nbs/16_executors.ipynb #3c18ceb0
 from __future__ import annotations
-import argparse, dataclasses, json, math, os, sys, time
+import argparse, dataclasses, getpass, json, math, os, subprocess, sys, time
 from pathlib import Path
 
 import submitit
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['SLURM_KEYS', 'LIVE_STATES', 'JOB_RECORD', 'error_message', 'run_chunk', 'ChunkTask', 'visible_gpus', 'slot_env',
-           'parse_time', 'slurm_parameters', 'live_job', 'FileBar', 'cluster_executor', 'run_cells',
-           'add_executor_arguments', 'executor_options']
+__all__ = ['SLURM_KEYS', 'LIVE_STATES', 'JOB_RECORD', 'JOBS_NOTE', 'error_message', 'run_chunk', 'slurm_task_threads',
+           'ChunkTask', 'visible_gpus', 'slot_env', 'parse_time', 'slurm_parameters', 'partition_gpus', 'resolve_gpus',
+           'squeue_states', 'slurm_state', 'live_job', 'jobs_note', 'CellResults', 'FileBar', 'cluster_executor',
+           'run_cells', 'add_executor_arguments', 'executor_options']
 
 # %% ../nbs/16_executors.ipynb #5ba6d14a
 def error_message(e: BaseException) -> str:
     "One line for a failed cell or job."
     return f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"[:500]
 
-def run_chunk(work, cells, env: dict | None = None) -> dict:
+def run_chunk(work, cells, env: dict | None = None, log: bool = False) -> dict:
     "Run `work` on each unfinished cell of `cells` in this process; `{index in chunk: None | error}`."
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
     if env and 'OMP_NUM_THREADS' in env:
@@ -31,12 +32,24 @@ def run_chunk(work, cells, env: dict | None = None) -> dict:
         try: out[i] = work(c)
         except Exception as e: out[i] = error_message(e)   # `work` should not raise; a cell never stops the others
         if out[i] is None and not c.done: out[i] = 'finished without writing metrics.json'
+        if log: print(f'cocoamix: cell {"finished" if out[i] is None else "FAILED"}: {c.out_dir}', flush=True)
     return out
+
+def slurm_task_threads(cpus_per_cell: int | None = None) -> int:
+    "CPU threads for a cell in a Slurm task: `--cpus-per-cell`, else the CPUs Slurm allocated to the task."
+    for v in (cpus_per_cell, os.environ.get('SLURM_CPUS_PER_TASK'), os.environ.get('SLURM_JOB_CPUS_PER_NODE', '').split('(')[0].split(',')[0]):
+        if v and str(v).isdigit() and int(v) > 0: return int(v)
+    return 1
 
 class ChunkTask(submitit.helpers.Checkpointable):
     "The picklable callable submitit runs: a chunk of cells in one warm process."
-    def __call__(self, work, cells, env: dict | None = None) -> dict:
-        return run_chunk(work, cells, env)
+    def __call__(self, work, cells, env: dict | None = None, slurm_cpus: int | None = None) -> dict:
+        if slurm_cpus is not None:   # a Slurm task: as many threads as CPUs it was given (clusters without cgroups do not stop more)
+            n = slurm_task_threads(slurm_cpus or None)
+            env = {'OMP_NUM_THREADS': n, 'MKL_NUM_THREADS': n, **(env or {})}
+            print(f'cocoamix: Slurm job {os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))}_'
+                  f'{os.environ.get("SLURM_ARRAY_TASK_ID", "0")}: {n} CPU thread(s) per cell, {len(cells)} cell(s)', flush=True)
+        return run_chunk(work, cells, env, log=slurm_cpus is not None)
 
 # %% ../nbs/16_executors.ipynb #02855d3a
 def visible_gpus() -> list[str]:
@@ -83,6 +96,9 @@ def slurm_parameters(name: str, slurm: dict, gpus_per_cell: int = 1, cpus_per_ce
     "AutoExecutor.update_parameters arguments for one job per cell."
     p = {'name': name, 'timeout_min': parse_time(slurm.get('time', 240)), 'gpus_per_node': int(gpus_per_cell or 0),
          'tasks_per_node': 1, 'nodes': 1, 'slurm_array_parallelism': int(slurm.get('array_parallelism') or 256)}
+    # submitit signals (requeues) 90 s before the limit, and Slurm may signal up to 60 s earlier than asked: a task of
+    # 1-2 minutes would be requeued as it starts, before its cells run
+    if p['timeout_min'] <= 2: p['slurm_signal_delay_s'] = 30
     if cpus_per_cell: p['cpus_per_task'] = int(cpus_per_cell)
     if slurm.get('mem_gb'): p['mem_gb'] = float(slurm['mem_gb'])
     p.update({f'slurm_{k}': slurm[k] for k in SLURM_KEYS if slurm.get(k)})
@@ -90,9 +106,41 @@ def slurm_parameters(name: str, slurm: dict, gpus_per_cell: int = 1, cpus_per_ce
     if slurm.get('additional'): p['slurm_additional_parameters'] = dict(slurm['additional'])
     return p
 
+def partition_gpus(partition: str | None = None) -> int | None:
+    "The most GPUs a node of `partition` (default: the cluster's default partition) has, from `sinfo`; None when sinfo cannot answer."
+    try: r = subprocess.run(['sinfo', '-h', '-o', '%P|%G'], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError): return None
+    if r.returncode or not r.stdout.strip(): return None
+    rows = [l.strip().split('|', 1) for l in r.stdout.splitlines() if '|' in l]
+    names = {p.rstrip('*') for p, _ in rows}
+    if partition and partition not in names: return None   # sbatch will name the problem
+    n = 0
+    for p, gres in rows:
+        if (p.rstrip('*') == partition) if partition else p.endswith('*'):
+            for g in gres.split(','):   # gpu:4, gpu:a100:4(S:0-1), (null)
+                f = g.split('(')[0].split(':')
+                if f[0] == 'gpu' and f[-1].isdigit(): n = max(n, int(f[-1]))
+    return n
+
+def resolve_gpus(gpus_per_cell: int | None, partition: str | None = None) -> int:
+    "GPUs per Slurm cell: the partition's (1 if its nodes have GPUs, else 0) when not given; a ValueError naming the fix when it has none."
+    have = partition_gpus(partition)
+    where = f"partition {partition!r}" if partition else 'the default partition'
+    if gpus_per_cell is None:
+        if have is not None: return 1 if have else 0
+        try: import torch; return int(torch.cuda.is_available())   # sinfo cannot say: this machine's device decides
+        except Exception: return 0
+    if int(gpus_per_cell) < 0: raise ValueError(f'--gpus-per-cell {gpus_per_cell}: expected 0 or more')
+    if have is not None and int(gpus_per_cell) > have:
+        raise ValueError(f'--gpus-per-cell {gpus_per_cell}: {where} has ' + (f'at most {have} GPU(s) per node' if have else 'no GPUs (sinfo lists no gpu GRES)')
+                         + (': pass --gpus-per-cell 0 to run on its CPUs, or --slurm-partition NAME of a GPU partition' if not have else f': pass --gpus-per-cell {have} or less'))
+    return int(gpus_per_cell)
+
 # %% ../nbs/16_executors.ipynb #4f9ee795
-LIVE_STATES = {'PENDING', 'RUNNING', 'REQUEUED', 'CONFIGURING', 'COMPLETING', 'RESIZING', 'SUSPENDED', 'REQUEUE_HOLD', 'REQUEUE_FED'}
+LIVE_STATES = {'PENDING', 'RUNNING', 'REQUEUED', 'CONFIGURING', 'COMPLETING', 'RESIZING', 'SUSPENDED', 'REQUEUE_HOLD', 'REQUEUE_FED',
+               'STOPPED', 'SIGNALING', 'STAGE_OUT', 'PREEMPTED'}
 JOB_RECORD = '.submitit.json'
+JOBS_NOTE = '.slurm_jobs.json'   # in OUT/EXPERIMENT while a run waits for Slurm jobs: what goes on after Ctrl-C
 
 def _record_job(cell, job, cluster: str, folder) -> None:
     rec = {'cluster': cluster, 'job_id': str(job.job_id), 'folder': str(folder)}
@@ -100,33 +148,102 @@ def _record_job(cell, job, cluster: str, folder) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'{JOB_RECORD}.{os.getpid()}.tmp'); tmp.write_text(json.dumps(rec)); os.replace(tmp, path)
 
-def live_job(cell, cluster: str):
-    "The still pending/running Slurm job of an earlier submission of `cell`, or None."
+def squeue_states() -> dict | None:
+    "`{job id: state}` of this user's jobs that Slurm still knows (array tasks one by one), from one `squeue`; None when it cannot answer."
+    try: r = subprocess.run(['squeue', '-h', '-r', '-t', 'all', '-u', getpass.getuser(), '-o', '%i|%T'],
+                            capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError): return None
+    if r.returncode: return None
+    return dict(line.strip().split('|', 1) for line in r.stdout.splitlines() if '|' in line)
+
+def slurm_state(job, queue: dict | None = None) -> str:
+    "The job's Slurm state: `squeue`'s (`queue`, asked when not given) while Slurm still knows the job, else `sacct`'s through submitit (UNKNOWN without accounting)."
+    queue = squeue_states() if queue is None else queue
+    if queue and str(job.job_id) in queue: return queue[str(job.job_id)].split()[0].upper()
+    try: return str(job.state).split()[0].upper()
+    except Exception: return 'UNKNOWN'
+
+def live_job(cell, cluster: str, queue: dict | None = None):
+    "The still pending/running Slurm job of an earlier submission of `cell`, or None (`queue`: `squeue_states()`, to ask once for many cells)."
     path = Path(cell.out_dir)/JOB_RECORD
     if cluster != 'slurm' or not path.is_file(): return None
     try:
         rec = json.loads(path.read_text())
         if rec.get('cluster') != 'slurm': return None
         job = submitit.SlurmJob(folder=rec['folder'], job_id=rec['job_id'])
-        return job if str(job.state).split()[0].upper() in LIVE_STATES else None
+        return job if slurm_state(job, queue) in LIVE_STATES else None
     except Exception:
         return None
 
-# %% ../nbs/16_executors.ipynb #7e2fdb0f
-def _job_error(job, e: BaseException) -> str:
-    log = getattr(getattr(job, 'paths', None), 'stderr', None)
-    return f'{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ""}'[:400] + (f' (log: {log})' if log else '')
+def jobs_note(exp_folder, queue: dict | None = None) -> str | None:
+    "The line to print when a run stops waiting (Ctrl-C): the Slurm jobs of OUT/EXPERIMENT that go on, and their logs; None if none is live."
+    try: rec = json.loads((Path(exp_folder)/JOBS_NOTE).read_text())
+    except (OSError, ValueError): return None
+    queue = squeue_states() if queue is None else queue
+    live = sorted({j.split('_')[0] for j in rec['jobs'] if queue is None or queue.get(j, '').split(' ')[0] in LIVE_STATES})
+    if not live: return None
+    return (f'stopped waiting; the Slurm tasks go on: job(s) {", ".join(live)} ({rec["cells"]} cells), logs in {rec["folder"]}. '
+            f'Rerun the same command to wait for them (they are not resubmitted) and build the table; `scancel {" ".join(live)}` stops them.')
 
-def _chunk_outcome(job, chunk) -> dict:
-    "The job's per-cell results; a job that died reports its error for every unfinished cell of its chunk."
-    try: res = job.result()
+# %% ../nbs/16_executors.ipynb #7e2fdb0f
+class CellResults(list):
+    "`run_cells`' answer: `[(cell, None | error message)]` in grid order, plus which of those cells this call `submitted` (or ran) and which it only `waited` for (their Slurm job came from an earlier run)."
+    def __init__(self, items=(), submitted=(), waited=()):
+        super().__init__(items); self.submitted, self.waited = list(submitted), list(waited)
+
+def _log_tail(path, n: int = 4000) -> str:
+    try:
+        with open(path, 'rb') as f: f.seek(0, 2); f.seek(max(0, f.tell() - n)); return f.read().decode(errors='replace')
+    except OSError: return ''
+
+def _job_error(job, e: BaseException, queue: dict | None = None) -> str:
+    "What became of a Slurm job that left no result: cancelled, timed out, preempted, out of memory, never started; with its id and log."
+    paths = getattr(job, 'paths', None)
+    log, text, st = getattr(paths, 'stderr', None), str(e), 'UNKNOWN'
+    if isinstance(job, submitit.SlurmJob): st = slurm_state(job, queue)
+    tail = _log_tail(log) if log else ''
+    if 'timed-out too many times' in text:
+        what = 'reached its time limit (--slurm-time) on each of its requeues: raise --slurm-time or lower --cells-per-task'
+    elif 'DUE TO TIME LIMIT' in tail or st == 'TIMEOUT': what = 'was killed at its time limit (--slurm-time) and not requeued'
+    elif 'DUE TO PREEMPTION' in tail or st == 'PREEMPTED': what = 'was preempted and not requeued'
+    elif 'CANCELLED' in tail or st.startswith('CANCELLED'): what = 'was cancelled (scancel, or by an administrator)'
+    elif st in ('OUT_OF_MEMORY', 'NODE_FAIL', 'BOOT_FAIL', 'DEADLINE', 'FAILED'): what = f'ended in state {st}'
+    elif log is not None and not Path(log).exists() and not Path(paths.stdout).exists():
+        what = 'ended before it started (no log: cancelled while queued, or it could not start)'
+    else:
+        last = [l for l in text.strip().splitlines() if l.strip()]
+        what = f'ended without a result ({type(e).__name__}: {last[-1].strip()[:200] if last else ""})'
+    jid = getattr(job, 'job_id', '?')
+    return f'Slurm job {jid} {what}' + (f' [state {st}]' if st not in ('UNKNOWN',) and st not in what else '') + (f'; log: {log}' if log else '')
+
+def _write_error(cell, msg: str) -> None:
+    "A cell its job never ran still gets its error.txt (the summary points there), saying what happened to the job."
+    try:
+        Path(cell.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(cell.out_dir, 'error.txt').write_text(f'This cell did not run to its end: {msg}\n')
+    except OSError: pass
+
+def _chunk_outcome(job, chunk, queue: dict | None = None) -> dict:
+    "The job's per-cell results; a job that died reports what became of it for every unfinished cell of its chunk."
+    try:
+        if isinstance(job, submitit.SlurmJob):   # ended (squeue): no result file means no result; job.result() would wait on sacct
+            for _ in range(10):
+                if job.paths.result_pickle.exists(): break
+                time.sleep(1)
+            else: raise submitit.core.utils.UncompletedJobError(f'Job {job.job_id} has not produced any output')
+        res = job.result()
     except Exception as e:
-        msg = _job_error(job, e)
+        msg = _job_error(job, e, queue)
+        for _, c in chunk:
+            if not c.done: _write_error(c, msg)
         return {i: (None if c.done else msg) for i, (_, c) in enumerate(chunk)}
     return {i: (res.get(i) if c.done or res.get(i) else 'the job ended without writing metrics.json') for i, (_, c) in enumerate(chunk)}
 
 def _default_folder(cells) -> Path:
     return Path(cells[0].out_dir).resolve().parents[2]/'.submitit'   # OUT/EXPERIMENT/.submitit
+
+def _exp_folder(cells) -> Path:
+    return Path(cells[0].out_dir).resolve().parents[2]                # OUT/EXPERIMENT
 
 def _for_worker(cell):
     "A copy with absolute paths and the setting in its parameters: workers may start in another directory."
@@ -157,22 +274,30 @@ def _sequential(todo, work, bar) -> dict:
         out[i] = run_chunk(work, [c])[0]; bar.update(1)
     return out
 
+def _ended(job, queue: dict | None) -> bool:
+    "Whether a job is over: its result is written, or (Slurm) `squeue` no longer lists it as queued or running; sacct only when squeue cannot answer."
+    if queue is None or not isinstance(job, submitit.SlurmJob): return job.done()
+    return job.paths.result_pickle.exists() or queue.get(str(job.job_id), 'GONE').split(' ')[0] not in LIVE_STATES
+
 def _poll_chunks(jobs: dict, bar, poll_s: float) -> dict:
     "Wait for `{job: chunk}`; the bar advances as cells finish (metrics.json appears), not only as jobs end."
     out, counted = {}, set()
     try:
         while jobs:
-            for job in [j for j in jobs if j.done()]:
+            slurm = any(isinstance(j, submitit.SlurmJob) for j in jobs)
+            queue = squeue_states() if slurm else None   # one squeue per round: sacct may have no accounting to answer from
+            for job in [j for j in jobs if _ended(j, queue)]:
                 chunk = jobs.pop(job)
-                for k, err in _chunk_outcome(job, chunk).items(): out[chunk[k][0]] = err
+                for k, err in _chunk_outcome(job, chunk, queue).items(): out[chunk[k][0]] = err
             for chunk in jobs.values():
                 for i, c in chunk:
                     if i not in counted and c.done: counted.add(i); bar.update(1); bar.set_postfix_str(_name(c))
             for i in out:
                 if i not in counted: counted.add(i); bar.update(1)
             if jobs: time.sleep(poll_s)
-    except BaseException:  # Ctrl-C: stop the workers this run started; their unfinished cells wait for the next run
-        for j in jobs: j.cancel(check=False)
+    except BaseException:  # Ctrl-C: stop the local workers this run started; Slurm jobs go on. Unfinished cells wait for the next run
+        for j in jobs:
+            if not isinstance(j, submitit.SlurmJob): j.cancel(check=False)
         raise
     return out
 
@@ -188,71 +313,88 @@ def _local_pool(todo, work, jobs, folder, bar, gpus_per_cell, cpus_per_cell, pol
             for i, _ in chunk: out[i] = f'submission failed: {error_message(e)}'; bar.update(1)
     return {**out, **_poll_chunks(running, bar, poll_s)}
 
-def cluster_executor(name: str, folder, slurm: dict, gpus_per_cell: int = 1, cpus_per_cell: int | None = None):
+def cluster_executor(name: str, folder, slurm: dict, gpus_per_cell: int | None = None, cpus_per_cell: int | None = None):
     "submitit's AutoExecutor for `slurm['cluster']` (default slurm), or a ValueError that says why there is none."
     cluster = slurm.get('cluster', 'slurm')
     try:
         ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=int(slurm.get('max_requeue', 3)))
     except RuntimeError as e:  # no srun/sbatch here
         raise ValueError(f'--executor {cluster}: {e} Run from a Slurm login node (sbatch and srun on the PATH).') from e
+    if cluster == 'slurm': gpus_per_cell = resolve_gpus(gpus_per_cell, slurm.get('partition'))
     ex.update_parameters(**slurm_parameters(name, slurm, gpus_per_cell, cpus_per_cell))
     return ex
 
-def _cluster(todo, work, folder, bar, ex, poll_s, cells_per_task: int) -> dict:
+def _submission_error(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    said = [l for l in lines if 'error' in l.lower() and 'sbatch' in l.lower()] or lines[-1:]
+    return f'the job could not be submitted ({type(e).__name__}: {said[-1][:300] if said else ""})'
+
+def _cluster(todo, work, folder, bar, ex, poll_s, cells_per_task: int, cpus_per_cell: int | None = None) -> tuple:
     cluster, name = ex.cluster, f'cocoamix-{todo[0][1].experiment}'
     out, waiting, new = {}, {}, []
+    queue = squeue_states() if cluster == 'slurm' else None
     for i, c in todo:  # cells of a task still queued or running from an earlier run: wait for it, do not resubmit
-        j = live_job(c, cluster)
+        j = live_job(c, cluster, queue)
         if j is not None: waiting.setdefault(str(j.job_id), (j, []))[1].append((i, c))
         else: new.append((i, c))
     jobs = {j: chunk for j, chunk in waiting.values()}
     chunks = [new[k:k + cells_per_task] for k in range(0, len(new), cells_per_task)]
     if chunks:
+        extra = (cpus_per_cell or 0,) if cluster == 'slurm' else ()   # a Slurm task sets its threads from its CPUs
         try:
             with ex.batch():  # one sbatch call: a job array, one task per chunk
-                submitted = [ex.submit(ChunkTask(), work, [_for_worker(c) for _, c in chunk]) for chunk in chunks]
+                submitted = [ex.submit(ChunkTask(), work, [_for_worker(c) for _, c in chunk], None, *extra) for chunk in chunks]
         except Exception as e:
             submitted = []
-            for i, _ in new: out[i] = f'submission failed: {error_message(e)}'
+            for i, c in new:
+                out[i] = _submission_error(e)
+                if cluster == 'slurm': _write_error(c, out[i])
             bar.update(len(new))
         for chunk, j in zip(chunks, submitted):
             jobs[j] = chunk
             if cluster == 'slurm':
                 for _, c in chunk: _record_job(c, j, cluster, ex.folder)
+    note = _exp_folder([c for _, c in todo])/JOBS_NOTE
     if jobs:
         ids = sorted({str(j.job_id).split('_')[0] for j in jobs})
         bar.write(f'{name}: {sum(len(ch) for ch in jobs.values())} cells in {len(jobs)} {cluster} task(s) of job(s) {", ".join(ids)} '
                   f'({sum(len(ch) for _, ch in waiting.values())} cells from an earlier run); logs in {folder}')
+        if cluster == 'slurm':
+            tmp = note.with_name(f'{JOBS_NOTE}.{os.getpid()}.tmp')
+            tmp.write_text(json.dumps({'jobs': [str(j.job_id) for j in jobs], 'folder': str(folder), 'cells': sum(len(ch) for ch in jobs.values())}))
+            os.replace(tmp, note)
     try: out.update(_poll_chunks(jobs, bar, poll_s))
     except KeyboardInterrupt:
-        if cluster == 'slurm':
-            print('\nstopped waiting; the Slurm tasks go on. Rerun the same command to wait for them again '
-                  '(they are not resubmitted) and to build the table.', file=sys.stderr)
+        if cluster == 'slurm': print('\n' + (jobs_note(note.parent) or 'stopped waiting.'), file=sys.stderr)
         raise
-    return out
+    note.unlink(missing_ok=True)
+    return out, [c for _, chunk in waiting.values() for _, c in chunk]
 
 def run_cells(cells, work, executor: str = 'local', jobs: int = 1, slurm: dict | None = None,
-              folder: str | Path | None = None, progress: bool = True, gpus_per_cell: int = 1,
+              folder: str | Path | None = None, progress: bool = True, gpus_per_cell: int | None = None,
               cpus_per_cell: int | None = None, poll_s: float | None = None, cells_per_task: int = 20,
-              progress_file: str | Path | None = None) -> list:
-    "Run `work` on the cells without metrics.json; [(cell, None | error message)] for those, in grid order. Never raises for a cell."
+              progress_file: str | Path | None = None) -> CellResults:
+    """Run `work` on the cells without metrics.json; `[(cell, None | error message)]` for those, in grid order (a `CellResults`:
+    `.waited` are the cells whose Slurm job an earlier run submitted and this call only waited for, `.submitted` the others). Never raises for a cell."""
     if executor not in ('local', 'slurm'): raise ValueError(f'unknown executor {executor!r}: use local or slurm')
     if int(jobs) < 1: raise ValueError(f'jobs must be >= 1, got {jobs}')
     if int(cells_per_task) < 1: raise ValueError(f'cells_per_task must be >= 1, got {cells_per_task}')
     todo = [(i, c) for i, c in enumerate(cells) if not c.done]
-    if not todo: return []
+    if not todo: return CellResults()
     folder = Path(folder).resolve() if folder else _default_folder(cells)
     slurm = dict(slurm or {})
     desc = f'{todo[0][1].experiment} ({executor}{f", {jobs} workers" if executor == "local" and jobs > 1 else ""})'
     if executor == 'slurm':  # fails before anything runs when there is no Slurm here
         ex = cluster_executor(f'cocoamix-{todo[0][1].experiment}', folder, slurm, gpus_per_cell, cpus_per_cell)
     bar = FileBar(progress_file, len(todo), desc) if progress_file else tqdm(total=len(todo), desc=desc, disable=not progress)
+    waited = []
     with bar:
         if executor == 'local' and int(jobs) == 1: out = _sequential(todo, work, bar)
         elif executor == 'local':
-            out = _local_pool(todo, work, int(jobs), folder, bar, gpus_per_cell, cpus_per_cell, poll_s or 0.5)
-        else: out = _cluster(todo, work, folder, bar, ex, poll_s or (15.0 if ex.cluster == 'slurm' else 1.0), int(cells_per_task))
-    return [(c, out[i]) for i, c in todo]
+            out = _local_pool(todo, work, int(jobs), folder, bar, gpus_per_cell or 1, cpus_per_cell, poll_s or 0.5)
+        else: out, waited = _cluster(todo, work, folder, bar, ex, poll_s or (15.0 if ex.cluster == 'slurm' else 1.0), int(cells_per_task), cpus_per_cell)
+    ids = {id(c) for c in waited}
+    return CellResults([(c, out[i]) for i, c in todo], [c for _, c in todo if id(c) not in ids], waited)
 
 # %% ../nbs/16_executors.ipynb #c0a5b2a9
 def _positive(text: str) -> int:
@@ -276,8 +418,10 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help='local: this machine (default); slurm: one Slurm job-array task per cell, through submitit')
     g.add_argument('--jobs', type=_positive, default=1, metavar='N',
                    help='local: N long-lived worker processes share the cells, each pinned to its GPU(s) round-robin (default 1: in this process)')
-    g.add_argument('--gpus-per-cell', type=int, default=1, metavar='G', help='GPUs for each cell (default 1; 0 on Slurm: none)')
-    g.add_argument('--cpus-per-cell', type=_positive, metavar='C', help='CPU cores (threads) for each cell')
+    g.add_argument('--gpus-per-cell', type=int, metavar='G',
+                   help="GPUs for each cell (default: local 1 when there is a GPU; slurm 1 if the partition's nodes have GPUs, else 0)")
+    g.add_argument('--cpus-per-cell', type=_positive, metavar='C',
+                   help='CPU cores (threads) for each cell (default: local, the cores shared out between --jobs; slurm, the CPUs Slurm gives the task)')
     g.add_argument('--mem-gb', type=float, metavar='GB', help='slurm: memory per cell')
     for opt, meta in (('partition', 'NAME'), ('account', 'NAME'), ('qos', 'NAME'), ('constraint', 'FEATURES')):
         g.add_argument(f'--slurm-{opt}', metavar=meta, help=f'slurm: sbatch --{opt}')
@@ -301,5 +445,6 @@ def executor_options(args: argparse.Namespace) -> dict:
                  'constraint': args.slurm_constraint, 'time': args.slurm_time, 'mem_gb': args.mem_gb,
                  'array_parallelism': args.slurm_array_parallelism, 'setup': args.slurm_setup, 'additional': dict(args.slurm_extra)}
         slurm = {k: v for k, v in slurm.items() if v not in (None, [], {})}
+    gpus = args.gpus_per_cell if args.executor == 'local' or slurm.get('cluster', 'slurm') != 'slurm' else resolve_gpus(args.gpus_per_cell, args.slurm_partition)
     return {'executor': args.executor, 'jobs': args.jobs, 'slurm': slurm, 'folder': args.submitit_folder,
-            'gpus_per_cell': args.gpus_per_cell, 'cpus_per_cell': args.cpus_per_cell, 'cells_per_task': args.cells_per_task}
+            'gpus_per_cell': 1 if gpus is None else gpus, 'cpus_per_cell': args.cpus_per_cell, 'cells_per_task': args.cells_per_task}
