@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, '-m', 'cocoamix', 'run']
 
 
+def _as_in_a_terminal():
+    "A child that takes Ctrl-C as a terminal's foreground job does, even when these tests run in the background (SIGINT ignored)."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sweep_of_a_cocoamix_parameter_leaves_coop_one_cell_per_seed(tmp_path):
     "`--param w=2.0 --sweep d=0.1,0.5,1.0` with CoOp: d is not a CoOp parameter, so CoOp runs once per seed, unlabelled by d."
     cells = expand_grid('base2new', tmp_path, ['fashion_mnist'], ['coop', 'cocoamix'], [1, 2], {'w': 2.0}, {'d': [0.1, 0.5, 1.0]})
@@ -41,7 +46,8 @@ def test_interrupt_leaves_the_committed_record_intact(tmp_path):
     record = folder / 'base2new.ipynb'
     before, listing = record.read_bytes(), {p.name for p in folder.iterdir()}
     run = subprocess.Popen(CLI + ['base2new', '--methods', 'coop', '--seeds', '1', '2', '3', '--epochs', '400', '--out', str(tmp_path),
-                                  '--quiet'], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  '--quiet'], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=_as_in_a_terminal)
     deadline = time.time() + 300
     while not list(folder.glob('.base2new.*.partial.ipynb')) and time.time() < deadline and run.poll() is None: time.sleep(0.2)
     time.sleep(3)   # papermill is executing the notebook's cells

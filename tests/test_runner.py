@@ -8,6 +8,11 @@ from PIL import Image
 from cocoamix.runner import run_experiment, run_grid, expand_grid, check_params, EXPERIMENTS, finished_cells, read_metrics
 
 
+def _as_in_a_terminal():
+    "A child that takes Ctrl-C as a terminal's foreground job does, even when these tests run in the background (SIGINT ignored)."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, cwd=None, cmd='run'):
     return subprocess.run([sys.executable, '-m', 'cocoamix', cmd, *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, 'HF_HUB_OFFLINE': '1'})
@@ -136,7 +141,8 @@ def test_an_interrupted_grid_resumes_without_recomputing(tmp_path, runs, sig, co
     cache = runs[1]
     args = ['base2new', '--methods', 'coop', '--seeds', *map(str, range(1, 9)), '--epochs', '30', '--out', str(tmp_path),
             '--cache-dir', str(cache), '--quiet', '--in-process']
-    p = subprocess.Popen([sys.executable, '-m', 'cocoamix', 'run', *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, '-m', 'cocoamix', 'run', *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_as_in_a_terminal)
     deadline = time.time() + 300
     while not list(tmp_path.rglob('metrics.json')) and time.time() < deadline: time.sleep(0.2)
     p.send_signal(sig)

@@ -19,6 +19,11 @@ CLI = [str(ROOT / '.venv' / 'bin' / 'cocoamix')] if (ROOT / '.venv' / 'bin' / 'c
 GRID = ['base2new', '--methods', 'zsclip', 'coop', '--seeds', '1', '2', '--param', 'epochs=2']
 
 
+def _as_in_a_terminal():
+    "A child that takes Ctrl-C as a terminal's foreground job does, even when these tests run in the background (SIGINT ignored)."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _sh(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
@@ -180,7 +185,8 @@ def test_ctrl_c_then_rerun_waits_for_the_running_tasks(slurm, tmp_path):
     args = slurm_args(out, '--cells-per-task', '2', '--slurm-setup', 'sleep 20')   # tasks that run a while
     cmd = CLI + ['run', *GRID, '--out', str(out), '--quiet', *args]
     env = {**slurm, 'COCOAMIX_OFFLINE': 'builtin', 'OMP_NUM_THREADS': '1'}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True,
+                         preexec_fn=_as_in_a_terminal)
     note = out / 'base2new' / JOBS_NOTE
     wait_for(note.exists, 120, 'the job array to be submitted')
     time.sleep(2)
