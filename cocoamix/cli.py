@@ -144,7 +144,7 @@ def eval_main(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ('usage: cocoamix {run,methods,data,eval,world,bench} ...  (cocoamix run --help, cocoamix methods --help, '
-             'cocoamix data check --help, cocoamix eval --help, cocoamix world export --help, cocoamix bench --help)')
+             'cocoamix data check --help, cocoamix eval --help, cocoamix world export --help, cocoamix world calibrate --help, cocoamix bench --help)')
     if not argv or argv[0] in ('-h', '--help'): print(usage); return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == 'run': return run_main(rest)
@@ -158,15 +158,17 @@ def main(argv=None) -> int:
     print(f'cocoamix: unknown command {cmd!r}\n{usage}', file=sys.stderr); return 2
 
 # %% auto #0
-__all__ = ['run_parser', 'list_experiments', 'run_main', 'methods_main', 'data_main', 'eval_main', 'main', 'world_main']
+__all__ = ['run_parser', 'list_experiments', 'run_main', 'methods_main', 'data_main', 'eval_main', 'main', 'world_main',
+           'world_calibrate_main']
 
 # %% ../nbs/17_cli.ipynb #c17w0002
 def world_main(argv=None) -> int:
     "`cocoamix world export NAME --format FORMAT [FORMAT ...] --out DIR`: a world dataset written to DIR/FORMAT/NAME."
+    if argv and argv[0] == 'calibrate': return world_calibrate_main(argv[1:])   # its own flags (`cocoamix world calibrate --help`)
     from cocoamix.world import DATASETS, EXPORT_FORMATS, export_world
     p = argparse.ArgumentParser(prog='cocoamix world', description='The world as files: write one of its datasets to disk, '
                                 'for open_clip, CLIP_benchmark, Hugging Face datasets or a CoOp-based repository.')
-    p.add_argument('action', choices=['export'])
+    p.add_argument('action', choices=['export', 'calibrate'])
     p.add_argument('name', help=f'a world dataset: {", ".join(DATASETS)}')
     p.add_argument('--format', required=True, nargs='+', choices=EXPORT_FORMATS, help='one or more of: imagefolder '
                    '(train/val/test/<class>/*.png), hf (datasets.save_to_disk), wds (CLIP_benchmark\'s webdataset layout), '
@@ -180,4 +182,49 @@ def world_main(argv=None) -> int:
         info = json.loads((dest / 'world.json').read_text())
         print(f"{dest}: {a.name} as {fmt}, " + ', '.join(f'{p} {n}' for p, n in info['counts'].items())
               + f" images, template {info['template']!r} (README.md, world.json)")
+    return 0
+
+# %% ../nbs/17_cli.ipynb #c17w0005
+def world_calibrate_main(argv=None) -> int:
+    "`cocoamix world calibrate [--keys ...] [--seeds ...] [--shots ...] [--quick] [--out FILE.json]`: the targets table and its JSON."
+    import os, torch
+    from cocoamix.world import DOWNSTREAM, DATASETS, calibration_targets, targets_table, load_world_clip, world_weights, weights_hash, WORLD_VERSION
+    every = [s.key for s in DOWNSTREAM]
+    p = argparse.ArgumentParser(prog='cocoamix world calibrate', description="Measure issue 21's calibration targets T1-T6 "
+                                '(zero-shot, CoOp, KgCoOp as their authors train them, a linear probe) on a world model.')
+    p.add_argument('--keys', nargs='+', help=f'world sets (default: the downstream sets {", ".join(every)}; --quick: the first 2)')
+    p.add_argument('--seeds', nargs='+', type=int, help='few-shot seeds (default 1 2 3; --quick: 1)')
+    p.add_argument('--shots', nargs='+', type=int, help='the few-shot curve; base-to-new runs at the most (default 1 2 4 8 16; --quick: 1 4 16)')
+    p.add_argument('--quick', action='store_true', help='a smoke run: 1 seed, 2 sets, shots 1 4 16 (flags given explicitly still win)')
+    p.add_argument('--epochs', type=int, help="override every method's epochs (tests and smoke runs only; default: the authors')")
+    p.add_argument('--views', type=int, default=8, help='cached augmented views per training image (default 8)')
+    p.add_argument('--weights', help='a world model file (default: the committed data/world/world_model.safetensors, hash-checked)')
+    p.add_argument('--cache-dir', help='the feature cache (default: the library\'s, $COCOAMIX_CACHE)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
+    p.add_argument('--out', default='outputs/world/calibration.json', help='the JSON to write (default outputs/world/calibration.json)')
+    a = p.parse_args(argv)
+    keys = a.keys or (every[:2] if a.quick else every)
+    seeds = a.seeds or ([1] if a.quick else [1, 2, 3])
+    shots = a.shots or ([1, 4, 16] if a.quick else [1, 2, 4, 8, 16])
+    bad = [k for k in keys if k not in DATASETS]
+    try:
+        if bad: raise ValueError(f'unknown world dataset(s) {", ".join(bad)}; known: {", ".join(DATASETS)}')
+        if min(shots) < 1 or (a.epochs is not None and a.epochs < 1) or a.views < 1 or a.threads < 1:
+            raise ValueError('--shots, --epochs, --views and --threads must be at least 1')
+        weights = Path(a.weights) if a.weights else world_weights()
+        if not weights.is_file(): raise FileNotFoundError(f'{weights}: no such world model file; pass --weights FILE')
+        torch.set_num_threads(a.threads)
+        started = time.monotonic()
+        clip = load_world_clip(weights)
+        res = calibration_targets(clip, keys, seeds, shots, epochs=a.epochs, n_views=a.views, cache_dir=a.cache_dir, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f'cocoamix world calibrate: error: {e}', file=sys.stderr); return 2
+    res = {'world_version': WORLD_VERSION, 'weights': str(weights), 'weights_sha256_16': weights_hash(weights),
+           'command': 'cocoamix world calibrate ' + ' '.join(argv if argv is not None else sys.argv[3:]),
+           'seconds': round(time.monotonic() - started, 1), **res}
+    print(targets_table(res))
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
+    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + '\n'); os.replace(tmp, out)   # all or nothing
+    print(f"{out}: {len(res['raw']['runs'])} runs on {len(keys)} set(s) x {len(seeds)} seed(s) in {res['seconds']:.0f} s")
     return 0

@@ -20,12 +20,14 @@ from .data import Split, DatasetSplits, CLIP_MEAN, CLIP_STD, package_data_dir
 # %% auto #0
 __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_COLOURS', 'PART_POSITIONS', 'PART_SIZES',
            'TEMPLATE_WORDS', 'DOWNSTREAM', 'SOURCE', 'VARIANTS', 'FSCIL', 'DATASETS', 'STYLES', 'STYLE_IDS', 'NAMED',
-           'DESCRIBED', 'BOTH', 'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'EXPORT_FORMATS',
-           'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category', 'DatasetSpec', 'World', 'get_world', 'style_params',
-           'sample_scene', 'render', 'describe', 'caption', 'pretrain_batch', 'world_dataset', 'register_world',
-           'register_world_model', 'world_model', 'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model',
-           'load_world_clip', 'weights_hash', 'world_weights', 'world_identity', 'world_train_transform',
-           'calibrate_base2new', 'calibration_table', 'coop_name', 'export_world', 'read_wds']
+           'DESCRIBED', 'BOTH', 'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'CLIP_TEMPLATES',
+           'TARGET_CHECKS', 'TARGET_NAMES', 'EXPORT_FORMATS', 'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category',
+           'DatasetSpec', 'World', 'get_world', 'style_params', 'sample_scene', 'render', 'describe', 'caption',
+           'pretrain_batch', 'world_dataset', 'register_world', 'register_world_model', 'world_model',
+           'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'load_world_clip', 'weights_hash',
+           'world_weights', 'world_identity', 'world_train_transform', 'calibrate_base2new', 'calibration_table',
+           'check_met', 'expected_calibration_error', 'linear_probe', 'evaluate_targets', 'calibration_targets',
+           'targets_table', 'coop_name', 'export_world', 'read_wds']
 
 # %% ../nbs/20_world.ipynb #w004
 WORLD_VERSION = 'world-v1'   # bump whenever the generator, the vocabulary or the datasets change
@@ -711,6 +713,203 @@ def calibration_table(res: dict) -> str:
                     f"| {d['coop_new']:.1f} ± {d['coop_new_std']:.1f} | {cn:.3f} |")
     a = res['average']
     rows.append(f"| **average** | {a['zs_all']:.1f} | {a['zs_base']:.1f} | {a['zs_new']:.1f} | {a['coop_base']:.1f} | {a['coop_new']:.1f} | |")
+    return '\n'.join(rows)
+
+# %% ../nbs/20_world.ipynb #wc02
+CLIP_TEMPLATES = ('a photo of a {}.', 'itap of a {}.', 'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.',
+                  'a {} in a video game.', 'art of the {}.', 'a photo of the small {}.')
+# CLIP's plain prompt plus its 7-template ImageNet ensemble (openai/CLIP notebooks/Prompt_Engineering_for_ImageNet.ipynb),
+# the `IMAGENET_TEMPLATES_SELECT` that CoOp's trainers/zsclip.py and Tip-Adapter use
+
+# (target, check name, op, bound): '>=' / '<=' a bound, 'in' a closed range, 'abs<=' |x| within a bound (issue 21)
+TARGET_CHECKS = (
+    ('T1', 'CoOp - zero-shot, base (avg over sets)', '>=', 10), ('T1', 'CoOp - zero-shot, new (avg)', '<=', -6),
+    ('T1', 'zero-shot base (avg)', 'in', (55, 80)), ('T1', 'zero-shot new (avg)', 'in', (55, 80)),
+    ('T2', "sd over sets of CoOp's base gain", '>=', 8), ('T2', 'max base gain over sets', '>=', 25),
+    ('T2', 'min base gain over sets', '<=', 3), ('T2', 'corr(base gain, new change)', '<=', -0.3),
+    ('T2', 'sd over sets of zero-shot base', '>=', 12),
+    ('T3', 'KgCoOp HM - zero-shot HM (avg rows)', '>=', 3), ('T3', 'KgCoOp new - zero-shot new (avg)', 'abs<=', 2),
+    ('T4', 'min over shots >= 2 of CoOp - zero-shot (all classes)', '>=', 0), ('T4', "CoOp's gain at the most shots", '>=', 12),
+    ('T4', 'max over shots < 4 of linear probe - zero-shot', '<=', 0), ('T4', 'CoOp - linear probe at the most shots', '>=', -2),
+    ('T5', 'logit scale', '>=', 80), ('T5', 'zero-shot ECE, 15 bins (avg, points)', '<=', 8),
+    ('T6', "t_0 - 'a photo of a {}.' (avg over sets)", '>', 0), ('T6', "worst CLIP template's gap to the best (avg over sets)", '<=', 10),
+)
+TARGET_NAMES = {'T1': 'CoOp vs zero-shot, base-to-new', 'T2': 'spread over sets', 'T3': 'KgCoOp vs zero-shot',
+                'T4': 'few-shot curve (all classes)', 'T5': 'logit scale and calibration', 'T6': 'templates'}
+
+def _threshold_text(op: str, bound) -> str:
+    if op == 'in': return f'{bound[0]:g} to {bound[1]:g}'
+    if op == 'abs<=': return f'within ±{bound:g}'
+    return f"{op.replace('>=', '≥').replace('<=', '≤')} {bound:g}"
+
+def check_met(value, op: str, bound) -> bool:
+    "Whether `value` meets the bound; a value that could not be measured (None / nan: e.g. an sd of one set) does not."
+    if value is None or not np.isfinite(value): return False
+    if op == '>=': return value >= bound
+    if op == '>': return value > bound
+    if op == '<=': return value <= bound
+    if op == 'in': return bound[0] <= value <= bound[1]
+    if op == 'abs<=': return abs(value) <= bound
+    raise ValueError(f'unknown comparison {op!r}; use one of >=, >, <=, in, abs<=')
+
+def expected_calibration_error(logits: torch.Tensor, labels, n_bins: int = 15) -> float:
+    """ECE in points (Guo et al. 2017): `sum_b |B_b|/N · |acc(B_b) - conf(B_b)|` over `n_bins` equal-width confidence bins
+    (a confidence of exactly 0 goes to the first bin), times 100."""
+    p = torch.softmax(logits.float(), -1); conf, pred = p.max(-1)
+    correct = (pred.cpu() == torch.as_tensor(labels)).float(); conf = conf.cpu()
+    b = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    ece = sum((b == i).sum() / len(conf) * (correct[b == i].mean() - conf[b == i].mean()).abs() for i in range(n_bins) if (b == i).any())
+    return float(ece * 100)
+
+def _corr(a, b) -> float | None:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0: return None   # two points always correlate ±1: not a measurement
+    return float(np.corrcoef(a, b)[0, 1])
+
+def _sd(a) -> float | None: return float(np.std(a, ddof=1)) if len(a) >= 2 else None
+
+def linear_probe(train_x: torch.Tensor, train_y, val_x=None, val_y=None, cs=(0.01, 0.1, 1.0, 10.0), max_iter: int = 200):
+    """Multinomial logistic regression on L2-normalised image features, fitted with torch's L-BFGS (scikit-learn is not
+    in the venv): CLIP's linear probe (`LogisticRegression(C=...)`, C searched on a validation split), whose inverse
+    regularisation C is chosen here from `cs` on the few-shot val split (the training split when there is none).
+    Returns a function features -> logits."""
+    x, y = train_x.float(), torch.as_tensor(train_y).long()
+    vx, vy = (x, y) if val_x is None or len(val_x) == 0 else (val_x.float(), torch.as_tensor(val_y).long())
+    C_ = int(y.max()) + 1; best = None
+    for c in cs:
+        torch.manual_seed(0)
+        W = torch.zeros(x.shape[1], C_, requires_grad=True); b = torch.zeros(C_, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, line_search_fn='strong_wolfe')
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ W + b, y, reduction='sum') + 0.5 / c * (W * W).sum()   # sklearn's objective
+            loss.backward(); return loss
+        opt.step(closure)
+        with torch.no_grad(): acc = float(((vx @ W + b).argmax(-1) == vy).float().mean())
+        if best is None or acc > best[0]: best = (acc, W.detach(), b.detach())
+    _, W, b = best
+    return lambda feats: feats.float() @ W + b
+
+def evaluate_targets(raw: dict) -> dict:
+    "The issue's targets T1-T6 from the raw per-set numbers `raw` (see `calibration_targets`): `{T: {name, description, threshold, measured, met, checks}}`."
+    sets = raw['sets']; keys = list(sets)
+    col = lambda k: [sets[s][k] for s in keys]
+    gain = [sets[s]['coop_base'] - sets[s]['zs_base'] for s in keys]
+    change = [sets[s]['coop_new'] - sets[s]['zs_new'] for s in keys]
+    from cocoamix.metrics import average_row
+    zs_avg = average_row([dict(base=sets[s]['zs_base'], new=sets[s]['zs_new']) for s in keys])
+    kg_avg = average_row([dict(base=sets[s]['kgcoop_base'], new=sets[s]['kgcoop_new']) for s in keys])
+    curve = raw['curve']; shots = sorted(int(k) for k in curve['coop'])
+    zs_all = float(np.mean(col('zs_all'))); top = str(shots[-1])
+    coop_gap = [curve['coop'][str(k)] - zs_all for k in shots if k >= 2]
+    lp_gap = [curve['linear_probe'][str(k)] - zs_all for k in shots if k < 4]
+    tpl = raw['templates']   # {set: {template: acc}}, 't_0' the set's own
+    photo = [tpl[s]['t_0'] - tpl[s]['a photo of a {}.'] for s in keys]
+    gaps = {t: float(np.mean([max(tpl[s].values()) - tpl[s][t] for s in keys])) for t in CLIP_TEMPLATES}
+    measured = [float(np.mean(gain)), float(np.mean(change)), zs_avg['base'], zs_avg['new'],
+                _sd(gain), float(max(gain)), float(min(gain)), _corr(gain, change), _sd(col('zs_base')),
+                kg_avg['hm'] - zs_avg['hm'], kg_avg['new'] - zs_avg['new'],
+                float(min(coop_gap)) if coop_gap else None, curve['coop'][top] - zs_all,
+                float(max(lp_gap)) if lp_gap else None, curve['coop'][top] - curve['linear_probe'][top],
+                float(raw['logit_scale']), float(np.mean(col('ece'))),
+                float(np.mean(photo)), float(max(gaps.values()))]
+    out = {}
+    for (t, name, op, bound), v in zip(TARGET_CHECKS, measured):
+        if t == 'T4' and 'most shots' in name: name = name.replace('the most shots', f'{top} shots')
+        d = out.setdefault(t, {'name': t, 'description': TARGET_NAMES[t], 'checks': []})
+        d['checks'].append({'check': name, 'threshold': _threshold_text(op, bound), 'measured': v, 'met': check_met(v, op, bound)})
+    for d in out.values():
+        d['threshold'] = '; '.join(f"{c['check']} {c['threshold']}" for c in d['checks'])
+        d['measured'] = {c['check']: c['measured'] for c in d['checks']}
+        d['met'] = all(c['met'] for c in d['checks'])
+    out['T2']['per_set'] = {'base_gain': dict(zip(keys, gain)), 'new_change': dict(zip(keys, change))}
+    out['T6']['per_template_gap'] = gaps
+    return out
+
+def calibration_targets(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2, 3), shots=(1, 2, 4, 8, 16),
+                        epochs: int | None = None, n_views: int = 8, cache_dir=None, seed: int = 0, progress: bool = False) -> dict:
+    """The issue's targets T1-T6 measured on `clip` over the world sets `keys`, averaged over `seeds`.
+    Base-to-new (T1-T3) at `max(shots)`: zero-shot, CoOp and KgCoOp as their authors train them (`make_method(...,
+    protocol='base2new')` defaults); the all-class few-shot curve (T4) at each of `shots`: CoOp with its few-shot
+    protocol's defaults (`protocol=None`: CoOp's epochs by shots) and `linear_probe` (torch L-BFGS logistic regression on
+    the cached test-transform features of the few-shot images); zero-shot ECE (T5) and templates (T6) on each whole test
+    split. `epochs` overrides every method's epochs (smoke runs only: `None` keeps the authors'). A tqdm bar counts runs."""
+    from tqdm.auto import tqdm
+    from cocoamix.data import few_shot_splits, base_new_split
+    from cocoamix.features import split_features
+    from cocoamix.registry import make_method
+    from cocoamix.coop import ZeroShotCLIP
+    from cocoamix.prompts import handcrafted_prompts
+    keys, seeds, shots = list(keys), [int(s) for s in seeds], sorted({int(k) for k in shots})
+    if not keys or not seeds or not shots: raise ValueError('calibration_targets needs at least one set, one seed and one number of shots')
+    if shots[0] < 1: raise ValueError(f'shots must be >= 1, got {shots[0]}')
+    bad = [k for k in keys if k not in DATASETS]
+    if bad: raise ValueError(f'unknown world dataset(s) {bad}; known: {", ".join(DATASETS)}')
+    acc = lambda logits, y: float((logits.argmax(-1).cpu() == torch.as_tensor(y)).float().mean() * 100)
+    over = {} if epochs is None else {'epochs': int(epochs)}
+    K = shots[-1]
+    bar = tqdm(total=len(keys) * len(seeds) * (1 + len(shots)), desc='calibration runs', disable=not progress)
+    raw = {'model': clip.identity, 'logit_scale': clip.logit_scale, 'keys': keys, 'seeds': seeds, 'shots': shots,
+           'base2new_shots': K, 'epochs': 'authors (make_method defaults)' if epochs is None else int(epochs),
+           'n_views': n_views, 'sets': {}, 'templates': {}, 'runs': []}
+    curve_runs = {'coop': {k: [] for k in shots}, 'linear_probe': {k: [] for k in shots}}
+    for key in keys:
+        ds = world_dataset(key, seed)
+        te = split_features(clip, ds.test, cache_dir=cache_dir, progress=False)
+        zl = ZeroShotCLIP(clip, template=ds.template).logits(te.x, ds.classnames)
+        tx = te.x.to(clip.device).float()
+        tpl = {'t_0': acc(zl, te.labels)}
+        for t in CLIP_TEMPLATES:
+            tpl[t] = acc(tx @ clip.encode_text(handcrafted_prompts(ds.classnames, t)).float().T, te.labels)
+        raw['templates'][key] = tpl
+        per = {'zs_all': tpl['t_0'], 'ece': expected_calibration_error(clip.logit_scale * tx @
+                                                                        clip.encode_text(handcrafted_prompts(ds.classnames, ds.template)).float().T, te.labels),
+               'n_classes': len(ds.classnames), 'runs': []}
+        zs = ZeroShotCLIP(clip, template=ds.template)
+        for s in seeds:
+            t0 = time.time()
+            base, new = base_new_split(few_shot_splits(ds, K, s))
+            trf = split_features(clip, base.train, n_views=n_views, cache_dir=cache_dir, progress=False)
+            tb, tn = (split_features(clip, x.test, cache_dir=cache_dir, progress=False) for x in (base, new))
+            run = {'set': key, 'seed': s, 'kind': 'base2new', 'shots': K,
+                   'zs_base': acc(zs.logits(tb.x, base.classnames), tb.labels), 'zs_new': acc(zs.logits(tn.x, new.classnames), tn.labels)}
+            for name in ('coop', 'kgcoop'):
+                m = make_method(name, clip, key, K, protocol='base2new', seed=s, template=ds.template, **over)
+                m.fit(trf, base.classnames, progress=False)
+                run[f'{name}_base'], run[f'{name}_new'] = acc(m.logits(tb.x, base.classnames), tb.labels), acc(m.logits(tn.x, new.classnames), tn.labels)
+                run[f'{name}_epochs'] = m.config.epochs
+            run['sec'] = time.time() - t0
+            per['runs'].append(run); raw['runs'].append(run); bar.update(1)
+            for k in shots:
+                t0 = time.time()
+                fs = few_shot_splits(ds, k, s)
+                trv = split_features(clip, fs.train, n_views=n_views, cache_dir=cache_dir, progress=False)
+                m = make_method('coop', clip, key, k, seed=s, template=ds.template, **over).fit(trv, ds.classnames, progress=False)
+                tr0 = split_features(clip, fs.train, cache_dir=cache_dir, progress=False)
+                va0 = split_features(clip, fs.val, cache_dir=cache_dir, progress=False) if len(fs.val) else None
+                lp = linear_probe(tr0.x, tr0.labels, None if va0 is None else va0.x, None if va0 is None else va0.labels)
+                r = {'set': key, 'seed': s, 'kind': 'curve', 'shots': k, 'coop': acc(m.logits(te.x, ds.classnames), te.labels),
+                     'linear_probe': acc(lp(te.x), te.labels), 'coop_epochs': m.config.epochs, 'sec': time.time() - t0}
+                curve_runs['coop'][k].append(r['coop']); curve_runs['linear_probe'][k].append(r['linear_probe'])
+                raw['runs'].append(r); bar.update(1)
+        for k in ('zs_base', 'zs_new', 'coop_base', 'coop_new', 'kgcoop_base', 'kgcoop_new'):
+            per[k] = float(np.mean([x[k] for x in per['runs']]))
+        per.pop('runs'); raw['sets'][key] = per
+    bar.close()
+    # the curve: per (set, seed) then averaged, so every set weighs the same
+    raw['curve'] = {m: {str(k): float(np.mean(v)) for k, v in d.items()} for m, d in curve_runs.items()}
+    raw['curve']['zero_shot'] = float(np.mean([raw['sets'][k]['zs_all'] for k in keys]))
+    return {'targets': evaluate_targets(raw), 'raw': raw}
+
+def targets_table(res: dict) -> str:
+    "The targets as a markdown table: one row per check, target | threshold | measured | met."
+    fmt = lambda v: 'n/a' if v is None else f'{v:.2f}' if abs(v) < 1 else f'{v:.1f}'
+    rows = ['| target | threshold | measured | met |', '|---|---|---|---|']
+    for t, d in res['targets'].items():
+        for c in d['checks']:
+            rows.append(f"| {t} {c['check']} | {c['threshold']} | {fmt(c['measured'])} | {'yes' if c['met'] else '**no**'} |")
+    n = sum(d['met'] for d in res['targets'].values())
+    rows.append(f"| **all** | | {n} of {len(res['targets'])} targets met | {'yes' if n == len(res['targets']) else '**no**'} |")
     return '\n'.join(rows)
 
 # %% ../nbs/20_world.ipynb #w047
