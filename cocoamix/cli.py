@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, signal, sys, time
 from pathlib import Path
 
-from .runner import EXPERIMENTS, run_experiment, print_summary, cell_parameters, parse_value, expand_grid
+from .runner import EXPERIMENTS, STOP_REQUESTED, run_experiment, print_summary, cell_parameters, parse_value, expand_grid
 from .executors import add_executor_arguments, executor_options
 
 def _kv(text: str) -> tuple[str, object]:
@@ -78,9 +78,12 @@ def run_main(argv=None) -> int:
             params['pretrained'] = 'world'
     settings = a.methods or None  # ['all'] selects every method or setting of the experiment
     code = {'signal': 130}
-    def terminate(signum, frame):  # SIGTERM ends like Ctrl-C: one line, exit 143
-        code['signal'] = 143; raise KeyboardInterrupt
+    def terminate(signum, frame):  # SIGTERM ends like Ctrl-C: one line, exit 143 (130 for Ctrl-C)
+        code['signal'] = 130 if signum == signal.SIGINT else 143
+        STOP_REQUESTED.set(); raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not where the shell asked to ignore Ctrl-C
+        signal.signal(signal.SIGINT, terminate)
     started = time.monotonic()
     try:
         s = run_experiment(a.experiment, a.out, a.datasets, settings, a.seeds, params, dict(a.sweep), progress=not a.quiet,
@@ -88,8 +91,10 @@ def run_main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f'cocoamix run: error: {e}', file=sys.stderr); return 2
     except KeyboardInterrupt: s = None
-    finally: signal.signal(signal.SIGTERM, previous)
-    if s is None or s.interrupted:
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGINT) is terminate: signal.signal(signal.SIGINT, signal.default_int_handler)
+    if s is None or s.interrupted or STOP_REQUESTED.is_set():
         done = sum(c.done for c in expand_grid(a.experiment, a.out, a.datasets, settings, a.seeds, params, dict(a.sweep)))
         print(f'\ninterrupted; {done} cells finished, rerun to resume', file=sys.stderr); return code['signal']
     print_summary(s)

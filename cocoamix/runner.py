@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_runner.ipynb #4415aea9
 from __future__ import annotations
-import ast, copy, dataclasses, datetime, hashlib, json, math, os, platform, shutil, socket, sys, traceback, uuid
+import ast, copy, dataclasses, datetime, hashlib, json, math, os, platform, shutil, socket, sys, threading, traceback, uuid
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -19,13 +19,13 @@ from .data import COOP_DATASETS, IMAGENET_VARIANTS, BUILTIN
 
 # %% auto #0
 __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD_DOWNSTREAM', 'WORLD_VARIANTS', 'EXPERIMENTS',
-           'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'COLUMNS', 'SKIPPED_SETTINGS', 'VOLATILE', 'Experiment',
-           'experiments_dir', 'offline_grid', 'grid_of', 'get_experiment', 'cell_parameters', 'parse_value',
-           'check_params', 'Cell', 'expand_grid', 'method_fields', 'foreign_knobs', 'write_text', 'write_json',
-           'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns', 'seed_averages',
-           'summarise', 'table_datasets', 'column_notes', 'settings_notes', 'markdown_table', 'figure_columns', 'draw',
-           'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells', 'write_outputs', 'run_grid',
-           'summary_record', 'check_writable', 'run_experiment', 'print_summary']
+           'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'COLUMNS', 'SKIPPED_SETTINGS', 'VOLATILE', 'STOP_REQUESTED',
+           'Experiment', 'experiments_dir', 'offline_grid', 'grid_of', 'get_experiment', 'cell_parameters',
+           'parse_value', 'check_params', 'Cell', 'expand_grid', 'method_fields', 'foreign_knobs', 'write_text',
+           'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
+           'seed_averages', 'summarise', 'table_datasets', 'column_notes', 'settings_notes', 'markdown_table',
+           'figure_columns', 'draw', 'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells',
+           'write_outputs', 'run_grid', 'summary_record', 'check_writable', 'run_experiment', 'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -642,6 +642,9 @@ def write_outputs(name: str, out, cells) -> dict:
     write_text(folder/'table.md', markdown_table(exp, table, check, cells[0].params))
     return {'table': table, 'table.csv': folder/'table.csv', 'table.md': folder/'table.md', 'figure.png': plot(exp, df, folder/'figure.png', check)}
 
+STOP_REQUESTED = threading.Event()   # set by the command line's signal handler: the grid stops at the next cell even if
+                                     # the KeyboardInterrupt it raised landed where Python can only print it (a finalizer)
+
 def run_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=None, seeds=None, params=None, sweeps=None,
              executor: dict | None = None, progress: bool = True, progress_file=None, only_this_grid: bool = False) -> RunSummary:
     "Run (or resume) every cell of experiment `name` in this process (or through `executor`), then write its table and figure."
@@ -656,6 +659,7 @@ def run_grid(name: str, out: str | Path = 'outputs', datasets=None, settings=Non
             if err: s.failed.append((c, err))
             elif (read_metrics(c.metrics_path) or {}).get('run_id') == run_id: s.ran.append(c)
             else: s.elsewhere.append(c)   # another run claimed it and finished it meanwhile
+            if STOP_REQUESTED.is_set(): raise KeyboardInterrupt
     except KeyboardInterrupt:
         s.interrupted = True
     files = write_outputs(name, out, cells if only_this_grid else finished_cells(name, out))
