@@ -192,7 +192,8 @@ def world_main(argv=None) -> int:
 # %% ../nbs/17_cli.ipynb #c17w0005
 def world_calibrate_main(argv=None) -> int:
     "`cocoamix world calibrate [--keys ...] [--seeds ...] [--shots ...] [--quick] [--out FILE.json]`: the targets table and its JSON."
-    import os, torch
+    import torch
+    from cocoamix.runner import write_text
     from cocoamix.world import DOWNSTREAM, DATASETS, calibration_targets, targets_table, load_world_clip, world_weights, weights_hash, WORLD_VERSION
     every = [s.key for s in DOWNSTREAM]
     p = argparse.ArgumentParser(prog='cocoamix world calibrate', description="Measure issue 21's calibration targets T1-T6 "
@@ -229,7 +230,6 @@ def world_calibrate_main(argv=None) -> int:
            'seconds': round(time.monotonic() - started, 1), **res}
     print(targets_table(res))
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(res, indent=1, ensure_ascii=False) + '\n'); os.replace(tmp, out)   # all or nothing
+    write_text(out, json.dumps(res, indent=1, ensure_ascii=False) + '\n')   # the runner's atomic write: all or nothing
     print(f"{out}: {len(res['raw']['runs'])} runs on {len(keys)} set(s) x {len(seeds)} seed(s) in {res['seconds']:.0f} s")
     return 0
