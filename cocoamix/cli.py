@@ -164,16 +164,17 @@ def main(argv=None) -> int:
 
 # %% auto #0
 __all__ = ['run_parser', 'list_experiments', 'run_main', 'methods_main', 'data_main', 'eval_main', 'main', 'world_main',
-           'world_calibrate_main']
+           'world_calibrate_main', 'world_pretrain_main']
 
 # %% ../nbs/17_cli.ipynb #c17w0002
 def world_main(argv=None) -> int:
     "`cocoamix world export NAME --format FORMAT [FORMAT ...] --out DIR`: a world dataset written to DIR/FORMAT/NAME."
     if argv and argv[0] == 'calibrate': return world_calibrate_main(argv[1:])   # its own flags (`cocoamix world calibrate --help`)
+    if argv and argv[0] == 'pretrain': return world_pretrain_main(argv[1:])
     from cocoamix.world import DATASETS, EXPORT_FORMATS, export_world
     p = argparse.ArgumentParser(prog='cocoamix world', description='The world as files: write one of its datasets to disk, '
                                 'for open_clip, CLIP_benchmark, Hugging Face datasets or a CoOp-based repository.')
-    p.add_argument('action', choices=['export', 'calibrate'])
+    p.add_argument('action', choices=['export', 'calibrate', 'pretrain'])
     p.add_argument('name', help=f'a world dataset: {", ".join(DATASETS)}')
     p.add_argument('--format', required=True, nargs='+', choices=EXPORT_FORMATS, help='one or more of: imagefolder '
                    '(train/val/test/<class>/*.png), hf (datasets.save_to_disk), wds (CLIP_benchmark\'s webdataset layout), '
@@ -194,7 +195,7 @@ def world_calibrate_main(argv=None) -> int:
     "`cocoamix world calibrate [--keys ...] [--seeds ...] [--shots ...] [--quick] [--out FILE.json]`: the targets table and its JSON."
     import torch
     from cocoamix.runner import write_text
-    from cocoamix.world import DOWNSTREAM, DATASETS, calibration_targets, targets_table, load_world_clip, world_weights, weights_hash, WORLD_VERSION
+    from cocoamix.world import DOWNSTREAM, DATASETS, WORLD_VERSIONS, calibration_targets, targets_table, load_world_clip, world_weights, weights_hash, weights_world_version
     every = [s.key for s in DOWNSTREAM]
     p = argparse.ArgumentParser(prog='cocoamix world calibrate', description="Measure issue 21's calibration targets T1-T6 "
                                 '(zero-shot, CoOp, KgCoOp as their authors train them, a linear probe) on a world model.')
@@ -205,6 +206,7 @@ def world_calibrate_main(argv=None) -> int:
     p.add_argument('--epochs', type=int, help="override every method's epochs (tests and smoke runs only; default: the authors')")
     p.add_argument('--views', type=int, default=8, help='cached augmented views per training image (default 8)')
     p.add_argument('--weights', help='a world model file (default: the committed data/world/world_model.safetensors, hash-checked)')
+    p.add_argument('--version', choices=WORLD_VERSIONS, help="the world the sets come from (default: the one the weights were pretrained on, from their metadata)")
     p.add_argument('--cache-dir', help='the feature cache (default: the library\'s, $COCOAMIX_CACHE)')
     p.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
     p.add_argument('--out', default='outputs/world/calibration.json', help='the JSON to write (default outputs/world/calibration.json)')
@@ -221,15 +223,57 @@ def world_calibrate_main(argv=None) -> int:
         if not weights.is_file(): raise FileNotFoundError(f'{weights}: no such world model file; pass --weights FILE')
         torch.set_num_threads(a.threads)
         started = time.monotonic()
+        version = a.version or weights_world_version(weights)
         clip = load_world_clip(weights)
-        res = calibration_targets(clip, keys, seeds, shots, epochs=a.epochs, n_views=a.views, cache_dir=a.cache_dir, progress=True)
+        res = calibration_targets(clip, keys, seeds, shots, epochs=a.epochs, n_views=a.views, cache_dir=a.cache_dir, progress=True,
+                                  version=version)
     except (ValueError, FileNotFoundError) as e:
         print(f'cocoamix world calibrate: error: {e}', file=sys.stderr); return 2
-    res = {'world_version': WORLD_VERSION, 'weights': str(weights), 'weights_sha256_16': weights_hash(weights),
+    res = {'world_version': version, 'weights': str(weights), 'weights_sha256_16': weights_hash(weights),
            'command': 'cocoamix world calibrate ' + ' '.join(argv if argv is not None else sys.argv[3:]),
            'seconds': round(time.monotonic() - started, 1), **res}
     print(targets_table(res))
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(res, indent=1, ensure_ascii=False) + '\n')   # the runner's atomic write: all or nothing
     print(f"{out}: {len(res['raw']['runs'])} runs on {len(keys)} set(s) x {len(seeds)} seed(s) in {res['seconds']:.0f} s")
+    return 0
+
+# %% ../nbs/17_cli.ipynb #c17w0008
+def world_pretrain_main(argv=None) -> int:
+    "`cocoamix world pretrain --out DIR [--version V] [--steps N] ...`: pretrain a world CLIP from scratch."
+    import torch
+    from cocoamix.world import WORLD_VERSION, WORLD_VERSIONS, pretrain, weights_hash
+    p = argparse.ArgumentParser(prog='cocoamix world pretrain', description='Pretrain a world CLIP from scratch on the generated world.')
+    p.add_argument('--out', required=True, help='folder for world_model.safetensors and pretrain.json (must not hold a model yet)')
+    p.add_argument('--version', default=WORLD_VERSION, choices=WORLD_VERSIONS, help=f'the world to pretrain on (default {WORLD_VERSION})')
+    p.add_argument('--steps', type=int, default=2550, help='optimizer steps (default 2550)')
+    p.add_argument('--batch-size', type=int, default=128, help='images per step (default 128)')
+    p.add_argument('--lr', type=float, default=1e-3, help='peak AdamW learning rate (default 1e-3)')
+    p.add_argument('--scale-lr-mult', type=float, default=10.0, help="the logit scale's learning-rate multiplier (default 10)")
+    p.add_argument('--scale-ramp', type=float, help='schedule the logit scale from 1/0.07 to 100 over this fraction of the steps, then hold it (default: learned)')
+    p.add_argument('--warmup', type=int, default=100, help='linear warm-up steps (default 100)')
+    p.add_argument('--seed', type=int, default=0, help="the world's seed: its categories and datasets (default 0)")
+    p.add_argument('--run-seed', type=int, help='initialisation and batch seed (default: --seed); another value gives a second model of the same world')
+    p.add_argument('--eval-every', type=int, default=250, help='zero-shot check every N steps (default 250)')
+    p.add_argument('--time-limit', type=float, help='stop after this many minutes (the model so far is saved)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if min(a.steps, a.batch_size, a.threads) < 1 or a.lr <= 0:
+        print('cocoamix world pretrain: error: --steps, --batch-size and --threads must be at least 1 and --lr positive', file=sys.stderr); return 2
+    if (out / 'world_model.safetensors').exists():
+        print(f'cocoamix world pretrain: error: {out / "world_model.safetensors"} exists already: choose another --out', file=sys.stderr); return 2
+    torch.set_num_threads(a.threads)
+    from tqdm.auto import tqdm
+    log = lambda e: tqdm.write(f"step {e['step']}: zero-shot {e['mean']:.1f} (" + ', '.join(f"{k.removeprefix('world_')} {v:.0f}" for k, v in e['zs'].items())
+                          + f"), loss {e['loss']:.3f}, logit scale {e['logit_scale']:.1f}, {e['elapsed_s'] / 60:.1f} min")   # its own line, under the bar
+    r = pretrain(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, seed=a.seed, scale_lr_mult=a.scale_lr_mult,
+                 eval_every=a.eval_every, out_dir=out, log=log, version=a.version, run_seed=a.run_seed, scale_ramp=a.scale_ramp,
+                 time_limit_s=None if a.time_limit is None else a.time_limit * 60)
+    h = r['history']; path = out / 'world_model.safetensors'
+    info = {'version': a.version, 'args': vars(a), 'steps': h['steps'], 'sec_per_step': h['sec_per_step'], 'eval': h['eval'],
+            'named_counts': h['named_counts'], 'weights_sha256_16': weights_hash(path),
+            'command': 'cocoamix world pretrain ' + ' '.join(argv if argv is not None else sys.argv[3:])}
+    (out / 'pretrain.json').write_text(json.dumps(info, indent=1) + '\n')
+    print(f"{path}: {a.version}, {h['steps']} steps in {h['steps'] * h['sec_per_step'] / 60:.1f} min, sha256 {info['weights_sha256_16']}...")
     return 0

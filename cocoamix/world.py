@@ -19,18 +19,19 @@ from .data import Split, DatasetSplits, CLIP_MEAN, CLIP_STD, package_data_dir
 
 # %% auto #0
 __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_COLOURS', 'PART_POSITIONS', 'PART_SIZES',
-           'TEMPLATE_WORDS', 'DOWNSTREAM', 'SOURCE', 'VARIANTS', 'FSCIL', 'DATASETS', 'STYLES', 'STYLE_IDS', 'NAMED',
-           'DESCRIBED', 'BOTH', 'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'CLIP_TEMPLATES',
-           'TARGET_CHECKS', 'TARGET_NAMES', 'EXPORT_FORMATS', 'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category',
-           'DatasetSpec', 'World', 'get_world', 'style_params', 'sample_scene', 'render', 'describe', 'caption',
+           'TEMPLATE_WORDS', 'DOWNSTREAM', 'SOURCE', 'VARIANTS', 'FSCIL', 'DATASETS', 'STYLE_FORMS', 'CLIP_FORMS',
+           'DOWNSTREAM_V2', 'RECIPES', 'WORLD_VERSIONS', 'STYLES', 'STYLE_IDS', 'NAMED', 'DESCRIBED', 'BOTH',
+           'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'CLIP_TEMPLATES', 'TARGET_CHECKS',
+           'TARGET_NAMES', 'EXPORT_FORMATS', 'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category', 'DatasetSpec',
+           'Recipe', 'recipe', 'World', 'get_world', 'style_params', 'sample_scene', 'render', 'describe', 'caption',
            'pretrain_batch', 'world_dataset', 'register_world', 'register_world_model', 'world_model',
-           'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'load_world_clip', 'weights_hash',
-           'world_weights', 'world_identity', 'world_train_transform', 'calibrate_base2new', 'calibration_table',
-           'check_met', 'expected_calibration_error', 'linear_probe', 'evaluate_targets', 'calibration_targets',
-           'targets_table', 'coop_name', 'export_world', 'read_wds']
+           'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'weights_world_version',
+           'load_world_clip', 'weights_hash', 'world_weights', 'world_identity', 'world_train_transform',
+           'calibrate_base2new', 'calibration_table', 'check_met', 'expected_calibration_error', 'linear_probe',
+           'evaluate_targets', 'calibration_targets', 'targets_table', 'coop_name', 'export_world', 'read_wds']
 
 # %% ../nbs/20_world.ipynb #w004
-WORLD_VERSION = 'world-v1'   # bump whenever the generator, the vocabulary or the datasets change
+WORLD_VERSION = 'world-v1'   # the default world (the committed model's); bump whenever the generator, the vocabulary or the datasets change
 SHAPES = ('circle', 'square', 'triangle', 'pentagon', 'star', 'cross', 'hexagon', 'ring', 'ellipse', 'crescent')
 HUES = {'red': (.86, .12, .12), 'orange': (.95, .52, .08), 'yellow': (.95, .88, .15), 'lime': (.62, .92, .18),
         'green': (.10, .60, .20), 'teal': (.04, .52, .52), 'cyan': (.35, .85, .95), 'blue': (.12, .25, .90),
@@ -71,7 +72,7 @@ class Category:
     group: str              # 'background' or the dataset key that owns it
     appear: float = 0.0     # expected draws over the pretraining (see World.set_budget; hard-negative members add more)
     p_named: float = 0.7    # chance that a caption of this category names it
-    noisy: bool = False     # downstream: 15% of named captions name a sibling, 10% drop the noun
+    noisy: bool = False     # downstream: some named captions name a sibling or drop the noun (`Recipe.swap_noise`, `drop_noise`)
 
     @property
     def triple(self): return (self.shape, self.hue, self.pattern)
@@ -87,6 +88,7 @@ class DatasetSpec:
     n_train: int = 24
     n_val: int = 4
     n_test: int = 40
+    style_share: float = 0.0 # v2: share of the set's own categories' pretraining images drawn in its style
 
 DOWNSTREAM = (
     DatasetSpec('world_glyphs', 'Glyphs', 'a photo of a {}, a type of glyph.',
@@ -111,6 +113,62 @@ FSCIL = DatasetSpec('world_fscil', 'World-FSCIL', 'a photo of a {}.', ('a photo 
                     n_train=30, n_val=4, n_test=20)
 DATASETS = tuple(s.key for s in DOWNSTREAM) + (SOURCE.key,) + tuple(VARIANTS) + (FSCIL.key,)
 
+# world-v2 (issue 21) [ours]: the same roles and keys; a set's own categories are pretrained mostly as photos, its style
+# is rare for them (`style_share`), and the style's wording (`STYLE_FORMS`, whose forms are the sets' t_0) is seen only
+# on images in that style, so what limits zero-shot is partly dataset-wide (a look and a wording one context can learn)
+# and partly fine-grained (siblings, scarce names, 3-4 modes that 16 shots can misrepresent).
+STYLE_FORMS = {
+    'glyph': ('a photo of a {n}, a type of glyph.', 'the {n} glyph.'),
+    'fauna': ('a photo of a {n}, a type of creature.', 'a creature called {n}.'),
+    'flora': ('a photo of a {n}, a type of flower.', 'a {n} flower.'),
+    'textile': ('{n} texture.', 'a close-up of {n} texture.'),
+    'false_colour': ('a satellite photo of {n}.', 'a centered satellite photo of {n}.'),
+    'vehicle': ('a photo of a {n}, a type of vehicle.', 'a {n} vehicle.'),
+    'dish': ('a photo of {n}, a type of food.', 'a dish of {n}.'),
+}
+# CLIP's common prompt wordings (its 7-template ensemble) as caption forms: real CLIP saw such text, so no template collapses
+CLIP_FORMS = ('itap of a {n}.', 'a bad photo of the {n}.', 'a origami {n}.', 'a photo of the large {n}.', 'a {n} in a video game.',
+              'art of the {n}.', 'a photo of the small {n}.')
+_v2 = lambda key, display, t0, style, tier, share: DatasetSpec(key, display, t0, STYLE_FORMS[style], style, tier, n_test=50, style_share=share)
+DOWNSTREAM_V2 = (   # near the pretraining (Caltech / Pets / Food-like) ... far from it (Aircraft / Flowers / DTD / EuroSAT-like)
+    _v2('world_glyphs', 'Glyphs', 'a photo of a {}, a type of glyph.', 'glyph', 300, 0.25),
+    _v2('world_fauna', 'Fauna', 'a photo of a {}, a type of creature.', 'fauna', 200, 0.2),
+    _v2('world_flora', 'Flora', 'a photo of a {}, a type of flower.', 'flora', 80, 0.03),
+    _v2('world_textiles', 'Textiles', '{} texture.', 'textile', 50, 0.02),
+    _v2('world_orbital', 'Orbital', 'a centered satellite photo of {}.', 'false_colour', 100, 0.015),
+    _v2('world_vehicles', 'Vehicles', 'a photo of a {}, a type of vehicle.', 'vehicle', 60, 0.03),
+    _v2('world_dishes', 'Dishes', 'a photo of {}, a type of food.', 'dish', 150, 0.2),
+)
+
+@dataclass(frozen=True)
+class Recipe:
+    "What one world version is: its datasets, how captions word and mis-name things, how styles enter pretraining."
+    version: str
+    downstream: tuple
+    source: DatasetSpec
+    variants: dict
+    fscil: DatasetSpec
+    extra_named: tuple = ()          # caption forms naming a category, besides `NAMED`
+    reserved: frozenset = frozenset()  # words never used as a category name, besides `_reserved()`
+    modes: tuple = (2, 4)            # a downstream category has rng.integers(*modes) modes
+    drop_noise: float = 0.10         # share of a downstream category's named captions that drop the noun
+    swap_noise: float = 0.15         # ... that name a sibling of the same set instead
+    family_share: float = 0.25       # v1: share of their named captions in the set's own phrasing, whatever the style
+    style_frac: float = 0.1          # v1: of all images; v2: of the other categories' images, in a random downstream style
+    style_words: float = 0.0         # v2: chance that the caption of an image in a style uses the style's wording
+
+RECIPES = {
+    'world-v1': Recipe('world-v1', DOWNSTREAM, SOURCE, VARIANTS, FSCIL),
+    'world-v2': Recipe('world-v2', DOWNSTREAM_V2, SOURCE, VARIANTS, FSCIL, extra_named=CLIP_FORMS, modes=(3, 5),
+                       reserved=frozenset({'itap', 'origami', 'art', 'video', 'game', 'large', 'small', 'bad'}),
+                       drop_noise=0.05, swap_noise=0.05, family_share=0.0, style_frac=0.06, style_words=0.7),
+}
+WORLD_VERSIONS = tuple(RECIPES)
+
+def recipe(version: str) -> Recipe:
+    if version not in RECIPES: raise ValueError(f'unknown world version {version!r}; known: {", ".join(WORLD_VERSIONS)}')
+    return RECIPES[version]
+
 # %% ../nbs/20_world.ipynb #w008
 def _modes(rng, k: int) -> tuple:
     w = np.sort(rng.dirichlet(np.ones(k) * 1.5))[::-1]       # unequal mode frequencies [ours]
@@ -122,19 +180,20 @@ def _modes(rng, k: int) -> tuple:
 
 class World:
     "The world's categories, datasets and caption rules, built deterministically from `seed`."
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, version: str = WORLD_VERSION):
+        self.seed, self.version, self.recipe = seed, version, recipe(version)
+        R = self.recipe
         rng = np.random.default_rng([seed, 16])
         nouns = world_nouns()
-        reserved = _reserved()
+        reserved = _reserved() | R.reserved
         ok = [n for n in nouns if n.isalpha() and n.islower() and 4 <= len(n) <= 10 and n not in reserved]
         special = [str(n) for n in rng.permutation(ok)]   # plain str, not numpy.str_ (same draws)
         triples = [(s, h, p) for s in SHAPES for h in HUES for p in PATTERNS]
         taken, cats = set(), []
         self.datasets: dict[str, list[int]] = {}
-        self.specs = {s.key: s for s in DOWNSTREAM + (SOURCE, FSCIL)}
+        self.specs = {s.key: s for s in R.downstream + (R.source, R.fscil)}
         # downstream grids: 2 shapes x 3 patterns x 5 hues, triples disjoint from every other named category
-        for spec in DOWNSTREAM:
+        for spec in R.downstream:
             while True:
                 sh = list(rng.choice(SHAPES, 2, replace=False)); pa = list(rng.choice(PATTERNS, 3, replace=False))
                 hu = list(rng.choice(list(HUES), 5, replace=False))
@@ -143,12 +202,12 @@ class World:
             taken |= set(grid); idx = []
             for t in grid:
                 name = special.pop()
-                modes = _modes(rng, int(rng.integers(2, 4)))
+                modes = _modes(rng, int(rng.integers(*R.modes)))
                 cats.append(Category(name, *t, modes, spec.key, noisy=True)); idx.append(len(cats) - 1)
             self.datasets[spec.key] = idx
         free = [t for t in triples if t not in taken]
         order = rng.permutation(len(free))
-        for spec in (SOURCE, FSCIL):
+        for spec in (R.source, R.fscil):
             idx = []
             for j in order[:100]:
                 modes = _modes(rng, int(rng.integers(1, 3)))
@@ -198,15 +257,15 @@ class World:
         w = np.array([c.appear for c in self.categories]); self.p = w / w.sum()
 
     def __repr__(self):
-        return f'World(seed={self.seed}, {len(self.categories)} categories, {len(self.datasets)} datasets)'
+        return f'World({self.version}, seed={self.seed}, {len(self.categories)} categories, {len(self.datasets)} datasets)'
 
     def classes(self, key: str) -> list[str]:
         "Sorted class names of a dataset (label = index, as the data layer expects)."
-        base = SOURCE.key if key in VARIANTS else key
+        base = self.recipe.source.key if key in self.recipe.variants else key
         return sorted(self.categories[i].name for i in self.datasets[base])
 
 @lru_cache(maxsize=4)
-def get_world(seed: int = 0) -> World: return World(seed)
+def get_world(seed: int = 0, version: str = WORLD_VERSION) -> World: return World(seed, version)
 
 # %% ../nbs/20_world.ipynb #w011
 def _poly(r, phi, n, rot=0.0):
@@ -268,9 +327,10 @@ STYLES = {   # nuisance ranges and per-dataset rendering styles [ours]
     'sketch':      dict(edges=1.0, bg='light', noise=(0.0, 0.03)),
     'adversarial': dict(clutter=4, scale=(0.26, 0.42), noise=(0.05, 0.12), bg='texture'),
     'rendition':   dict(posterize=3, contrast=1.3, pfreq=0.7),
+    'false_colour': dict(bg='dark', scale=(0.26, 0.40), noise=(0.03, 0.07), remap=0.45),   # v2's far domain (EuroSAT-like)
 }
 _BASE = dict(scale=(0.36, 0.62), rot=0.9, noise=(0.0, 0.07), bg='any', blur=0.0, pastel=0.0, desat=0.0,
-             tint=(1.0, 1.0, 1.0), contrast=1.0, pixelate=0.0, pfreq=1.0, edges=0.0, clutter=0, posterize=0)
+             tint=(1.0, 1.0, 1.0), contrast=1.0, pixelate=0.0, pfreq=1.0, edges=0.0, clutter=0, posterize=0, remap=0.0)
 STYLE_IDS = tuple(STYLES)
 
 def style_params(name: str) -> dict:
@@ -312,7 +372,7 @@ def sample_scene(world: World, cats, modes, styles, rng) -> dict:
         tex_grid=rng.uniform(-1, 1, (B, 1, 4, 4)), noise=rng.uniform(nlo, nhi),
         hue_jit=rng.uniform(-0.05, 0.05, (B, 3)), pfreq=g('pfreq') * rng.uniform(0.85, 1.15, B),
         blur=g('blur'), pastel=g('pastel'), desat=g('desat'), tint=np.array([s['tint'] for s in sp]),
-        contrast=g('contrast'), pixelate=g('pixelate'), edges=g('edges'), posterize=g('posterize'),
+        contrast=g('contrast'), pixelate=g('pixelate'), edges=g('edges'), posterize=g('posterize'), remap=g('remap'),
         clutter=np.array([s['clutter'] for s in sp]), clutter_xy=rng.uniform(-0.95, 0.95, (B, 4, 2)),
         clutter_rgb=rng.uniform(0, 1, (B, 4, 3)), clutter_r=rng.uniform(0.07, 0.14, (B, 4)),
         noise_seed=int(rng.integers(2 ** 31)))
@@ -376,6 +436,8 @@ def render(p: dict, size: int = 32) -> torch.Tensor:
     img = img + k('pastel') * (1 - img)
     img = img * T('tint').view(B, 3, 1, 1)
     img = (img - 0.5) * k('contrast') + 0.5
+    if (k('remap') > 0).any():   # false colour: each channel shows much of the next one's signal, as infrared bands do
+        img = img + k('remap') * (img[:, [1, 2, 0]] - img)
     post = T('posterize').view(B, 1, 1, 1)
     if (post > 0).any():
         q = torch.round(img.clamp(0, 1) * post.clamp(min=1)) / post.clamp(min=1)
@@ -394,25 +456,29 @@ def describe(shape, hue, pattern, mode: Mode | None, rng, part: bool | None = No
     if not part or mode is None: return body
     return f'{body} with a {mode.size} {mode.colour} {mode.part} on the {mode.position}'
 
-def caption(world: World, cat: int | tuple, mode: int, rng, force_part: bool = False) -> tuple[str, int | None]:
-    "A caption for one sample and the category it names (None: no name)."
+def caption(world: World, cat: int | tuple, mode: int, rng, force_part: bool = False, style: str = 'photo') -> tuple[str, int | None]:
+    "A caption for one sample in `style` and the category it names (None: no name)."
+    R = world.recipe
+    forms = STYLE_FORMS.get(style) if R.style_words > 0 else None   # v2 words a styled image as its style
     if isinstance(cat, tuple):                      # anonymous member of a hard-negative group
         sh, hu, pa, m = cat
-        return rng.choice(DESCRIBED).format(d=describe(sh, hu, pa, m, rng, True if force_part else None)), None
+        d = describe(sh, hu, pa, m, rng, True if force_part else None)
+        if forms and rng.random() < R.style_words: return rng.choice(forms).format(n=d), None
+        return rng.choice(DESCRIBED).format(d=d), None
     c = world.categories[cat]; m = c.modes[mode]
     d = describe(c.shape, c.hue, c.pattern, m, rng, True if force_part else None)
-    if rng.random() >= c.p_named: return rng.choice(DESCRIBED).format(d=d), None
-    named = cat
-    if c.noisy:
+    named = cat if rng.random() < c.p_named else None
+    if named is not None and c.noisy:
         r = rng.random()
-        if r < 0.10: return rng.choice(DESCRIBED).format(d=d), None
-        if r < 0.25:
-            sib = [i for i in world.datasets[c.group] if i != cat]
-            named = int(rng.choice(sib))
+        if r < R.drop_noise: named = None
+        elif r < R.drop_noise + R.swap_noise: named = int(rng.choice([i for i in world.datasets[c.group] if i != cat]))
+    if forms and rng.random() < R.style_words:
+        return rng.choice(forms).format(n=d if named is None else world.categories[named].name), named
+    if named is None: return rng.choice(DESCRIBED).format(d=d), None
     n = world.categories[named].name
     r = rng.random()
-    if c.group != 'background' and r < 0.25: return rng.choice(world.specs[c.group].family_templates).format(n=n), named
-    if r < 0.7: return rng.choice(NAMED).format(n=n), named
+    if c.group != 'background' and r < R.family_share: return rng.choice(world.specs[c.group].family_templates).format(n=n), named
+    if r < 0.7: return rng.choice(NAMED + R.extra_named).format(n=n), named
     return rng.choice(BOTH).format(n=n, d=d), named
 
 # %% ../nbs/20_world.ipynb #w021
@@ -433,7 +499,7 @@ def _sibling(world: World, cat: int, mode: int, attr: str, value, rng):
     return (*triple, Mode(part[0], part[1], m.position, m.size)), 0
 
 def pretrain_batch(world: World, step: int, batch_size: int = 256, seed: int = 0, hard_frac: float = 0.5,
-                   style_frac: float = 0.1, size: int = 32):
+                   style_frac: float = 0.1, size: int = 32):   # style_frac: v1 only (v2 takes the recipe's)
     "Images uint8 [B, H, W, 3], captions and the category each caption names, deterministic in (seed, step)."
     rng = np.random.default_rng([seed, 7, step])
     n_hard = int(batch_size * hard_frac) // 4 * 4
@@ -455,9 +521,18 @@ def pretrain_batch(world: World, step: int, batch_size: int = 256, seed: int = 0
             cats.append(j); modes.append(mj); force.append(attr == 'part')
     for _ in range(batch_size - n_hard):
         a = int(rng.choice(len(world.p), p=world.p)); cats.append(a); modes.append(_mode_of(world, a, rng)); force.append(False)
-    ds_styles = [s.style for s in DOWNSTREAM]
-    styles = [str(rng.choice(ds_styles)) if rng.random() < style_frac else 'photo' for _ in cats]
-    caps, named = zip(*(caption(world, c, m, rng, f) for c, m, f in zip(cats, modes, force)))
+    R = world.recipe
+    ds_styles = [s.style for s in R.downstream]
+    if R.version == 'world-v1':
+        styles = [str(rng.choice(ds_styles)) if rng.random() < style_frac else 'photo' for _ in cats]
+    else:   # a set's categories in their own style at `style_share`, the others in a random one at `R.style_frac`
+        styles = []
+        for i, a in enumerate(cats):
+            if i < n_hard and i % 4: styles.append(styles[-1]); continue   # a hard-negative group shares its anchor's style
+            spec = world.specs.get(world.categories[a].group)
+            if spec is not None and spec in R.downstream: styles.append(spec.style if rng.random() < spec.style_share else 'photo')
+            else: styles.append(str(rng.choice(ds_styles)) if rng.random() < R.style_frac else 'photo')
+    caps, named = zip(*(caption(world, c, m, rng, f, s) for c, m, f, s in zip(cats, modes, force, styles)))
     ims = render(sample_scene(world, cats, modes, styles, rng), size)
     return ims, list(caps), list(named)
 
@@ -465,17 +540,17 @@ def pretrain_batch(world: World, step: int, batch_size: int = 256, seed: int = 0
 def _key_seed(key: str) -> int: return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
 
 @lru_cache(maxsize=32)
-def world_dataset(key: str, seed: int = 0) -> DatasetSplits:
+def world_dataset(key: str, seed: int = 0, version: str = WORLD_VERSION) -> DatasetSplits:
     "One of the world's datasets (`DATASETS`) as `DatasetSplits`, deterministic for `seed`."
     if key not in DATASETS: raise ValueError(f'unknown world dataset {key!r}; known: {", ".join(DATASETS)}')
-    world = get_world(seed)
-    base = SOURCE.key if key in VARIANTS else key
+    world = get_world(seed, version); R = world.recipe
+    base = R.source.key if key in R.variants else key
     spec = world.specs[base]
-    style = VARIANTS.get(key, spec.style)
+    style = R.variants.get(key, spec.style)
     names = world.classes(key)
     rng = np.random.default_rng([seed, _key_seed(key)])
     counts = {'train': spec.n_train, 'val': spec.n_val, 'test': spec.n_test}
-    if key in VARIANTS: counts = {'train': 0, 'val': 0, 'test': spec.n_test}
+    if key in R.variants: counts = {'train': 0, 'val': 0, 'test': spec.n_test}
     splits = {}
     for part, n in counts.items():
         labels = np.repeat(np.arange(len(names)), n)
@@ -486,20 +561,20 @@ def world_dataset(key: str, seed: int = 0) -> DatasetSplits:
             items += list(render(sample_scene(world, cats[i:i + 512], modes[i:i + 512], [style] * len(cats[i:i + 512]), rng)).numpy())
         splits[part] = Split(items, labels, names, f'{key}/{part}', 'in_frame')  # 8% crops would cut a 32 px object out
     return DatasetSplits(key, splits['train'], splits['val'], splits['test'], names, spec.template,
-                         f'world: {WORLD_VERSION} seed {seed}, style {style!r}')
+                         f'world: {version} seed {seed}, style {style!r}')
 
 # %% ../nbs/20_world.ipynb #w027
-def register_world(seed: int = 0, keys=DATASETS) -> list[str]:
+def register_world(seed: int = 0, keys=DATASETS, version: str = WORLD_VERSION) -> list[str]:
     "Register the world's datasets with `cocoamix.data`: `load_dataset(key)` renders them (deterministic, under a second each)."
     from cocoamix import data as D
-    world = get_world(seed)
+    world = get_world(seed, version); R = world.recipe
     for key in keys:
-        base = SOURCE.key if key in VARIANTS else key
-        D.REGISTRY[key] = D.DatasetInfo(key, f'{key} ({WORLD_VERSION})', key, None, world.specs[base].template, '',
+        base = R.source.key if key in R.variants else key
+        D.REGISTRY[key] = D.DatasetInfo(key, f'{key} ({version})', key, None, world.specs[base].template, '',
                                         classnames=tuple(world.classes(key)), kind='generated',
-                                        generate=lambda key=key: world_dataset(key, seed),
+                                        generate=lambda key=key: world_dataset(key, seed, version),
                                         layout='(nothing to download: rendered by cocoamix.world)',
-                                        where=f'generated by cocoamix.world ({WORLD_VERSION}, seed {seed})')
+                                        where=f'generated by cocoamix.world ({version}, seed {seed})')
     return list(keys)
 
 register_world()   # importing this module makes the world's datasets known by name
@@ -554,13 +629,19 @@ def zero_shot(model, tokenizer, ds: DatasetSplits, max_per_class: int | None = N
 def pretrain(steps: int = 2550, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.1, warmup: int = 100,
              seed: int = 0, scale_lr_mult: float = 10.0, hard_frac: float = 0.5, eval_every: int = 200,
              eval_keys=tuple(s.key for s in DOWNSTREAM), out_dir=None, save_every: int = 0, model=None,
-             progress: bool = True, log=None, time_limit_s: float | None = None) -> dict:
-    "Pretrain the world CLIP from scratch (or continue `model`); returns the model, the history and the used-token mask."
+             progress: bool = True, log=None, time_limit_s: float | None = None,
+             version: str = WORLD_VERSION, run_seed: int | None = None, scale_ramp: float | None = None) -> dict:
+    """Pretrain the world CLIP from scratch (or continue `model`); returns the model, the history and the used-token mask.
+    `seed` is the world's (its categories and datasets); `run_seed` (default: `seed`) draws the initialisation and the batches,
+    so a second model of the same world is `run_seed=1`. `scale_ramp` (v2) replaces the learned logit scale by a schedule:
+    from CLIP's initial 1/0.07 up to its clamp, 100, log-linearly over that fraction of the steps, then held there, as real
+    CLIP's learned scale reaches its clamp early; `None` learns it (v1)."""
     from tqdm.auto import tqdm
-    world = get_world(seed)
+    world = get_world(seed, version)
     world.set_budget(steps * (batch_size - int(batch_size * hard_frac) // 4 * 4 * 3 // 4))  # draws from p over the run
     register_world_model()
-    model = model if model is not None else world_model(seed)
+    run_seed = seed if run_seed is None else run_seed
+    model = model if model is not None else world_model(run_seed)
     tokenizer = open_clip.get_tokenizer(WORLD_MODEL)
     loss_fn = open_clip.loss.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and 'logit_scale' not in n]
@@ -569,7 +650,9 @@ def pretrain(steps: int = 2550, batch_size: int = 128, lr: float = 1e-3, weight_
                              {'params': no_decay, 'weight_decay': 0.0, 'lr_mult': 1.0},
                              {'params': [model.logit_scale], 'weight_decay': 0.0, 'lr_mult': scale_lr_mult}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    evals = {k: world_dataset(k, seed) for k in eval_keys}
+    evals = {k: world_dataset(k, seed, version) for k in eval_keys}
+    if scale_ramp is not None: model.logit_scale.requires_grad_(False)   # scheduled, not learned
+    s0, s1 = math.log(1 / 0.07), math.log(100)
     used = torch.zeros(model.token_embedding.weight.shape[0], dtype=torch.bool)
     named_counts = np.zeros(len(world.categories), np.int64)
     hist = {'loss': [], 'logit_scale': [], 'eval': [], 'sec_per_step': None}
@@ -579,7 +662,9 @@ def pretrain(steps: int = 2550, batch_size: int = 128, lr: float = 1e-3, weight_
     for step in bar:
         f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
         for g in opt.param_groups: g['lr'] = lr * f * g['lr_mult']
-        ims, caps, named = pretrain_batch(world, step, batch_size, seed, hard_frac)
+        if scale_ramp is not None:
+            with torch.no_grad(): model.logit_scale.fill_(s0 + (s1 - s0) * min(1.0, step / max(scale_ramp * steps, 1)))
+        ims, caps, named = pretrain_batch(world, step, batch_size, run_seed, hard_frac)
         for n in named:
             if n is not None: named_counts[n] += 1
         tokens = tokenizer(caps); used[tokens.flatten()] = True
@@ -587,7 +672,7 @@ def pretrain(steps: int = 2550, batch_size: int = 128, lr: float = 1e-3, weight_
         txf = encode_text_truncated(model, tokens)
         loss = loss_fn(imf, txf, model.logit_scale.exp())
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
+        with torch.no_grad(): model.logit_scale.clamp_(0, s1)
         hist['loss'].append(float(loss.detach())); hist['logit_scale'].append(float(model.logit_scale.exp()))
         bar.set_postfix(loss=f'{np.mean(hist["loss"][-20:]):.3f}', scale=f'{hist["logit_scale"][-1]:.1f}', refresh=False)
         over = time_limit_s is not None and time.time() - t0 > time_limit_s
@@ -599,28 +684,36 @@ def pretrain(steps: int = 2550, batch_size: int = 128, lr: float = 1e-3, weight_
                                  'elapsed_s': time.time() - t0})
             if log: log(hist['eval'][-1])
         if out_dir and save_every and ((step + 1) % save_every == 0) and not last:
-            save_world_model(model, Path(out_dir) / f'world_model_step{step + 1}.safetensors', used)
+            save_world_model(model, Path(out_dir) / f'world_model_step{step + 1}.safetensors', used, version=version)
         if over: hist['stopped_early_at'] = step + 1; break
     hist['steps'] = len(hist['loss'])
     hist['sec_per_step'] = (time.time() - t0) / len(hist['loss'])
     hist['named_counts'] = {k: [int(named_counts[i]) for i in idx] for k, idx in world.datasets.items()}
-    model.eval()
-    if out_dir: save_world_model(model, Path(out_dir) / 'world_model.safetensors', used, hist)
+    model.eval(); model.logit_scale.requires_grad_(True)
+    if out_dir: save_world_model(model, Path(out_dir) / 'world_model.safetensors', used, hist, version)
     return {'model': model, 'history': hist, 'used_tokens': used}
 
 # %% ../nbs/20_world.ipynb #w034
-def save_world_model(model, path, used_tokens=None, history=None) -> Path:
+def save_world_model(model, path, used_tokens=None, history=None, version: str = WORLD_VERSION) -> Path:
     "fp16 safetensors with the config and the world version in the metadata; token rows never seen are zeroed."
     from safetensors.torch import save_file
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in model.state_dict().items()}
     if used_tokens is not None: sd['token_embedding.weight'][~used_tokens] = 0
-    meta = {'world_version': WORLD_VERSION, 'model': WORLD_MODEL, 'config': json.dumps(WORLD_CONFIG)}
+    meta = {'world_version': version, 'model': WORLD_MODEL, 'config': json.dumps(WORLD_CONFIG)}
     if history is not None:
         meta['history'] = json.dumps({k: history[k] for k in ('eval', 'sec_per_step', 'steps', 'stopped_early_at') if k in history})
     save_file(sd, str(path), metadata=meta)
     path.with_name(WORLD_MODEL + '.json').write_text(json.dumps(WORLD_CONFIG, indent=1))
     return path
+
+def weights_world_version(path) -> str:
+    "The world version a world model file was pretrained on (its metadata); files without it are world-v1's."
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f: meta = f.metadata() or {}
+    v = meta.get('world_version', 'world-v1')
+    recipe(v)   # an unknown version is refused here, by name
+    return v
 
 def load_world_clip(path, device: str = 'cpu'):
     "The pretrained world CLIP as the library's `FrozenCLIP`."
@@ -827,7 +920,8 @@ def evaluate_targets(raw: dict) -> dict:
     return out
 
 def calibration_targets(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2, 3), shots=(1, 2, 4, 8, 16),
-                        epochs: int | None = None, n_views: int = 8, cache_dir=None, seed: int = 0, progress: bool = False) -> dict:
+                        epochs: int | None = None, n_views: int = 8, cache_dir=None, seed: int = 0, progress: bool = False,
+                        version: str = WORLD_VERSION) -> dict:
     """The issue's targets T1-T6 measured on `clip` over the world sets `keys`, averaged over `seeds`.
     Base-to-new (T1-T3) at `max(shots)`: zero-shot, CoOp and KgCoOp as their authors train them (`make_method(...,
     protocol='base2new')` defaults); the all-class few-shot curve (T4) at each of `shots`: CoOp with its few-shot
@@ -849,12 +943,12 @@ def calibration_targets(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2
     over = {} if epochs is None else {'epochs': int(epochs)}
     K = shots[-1]
     bar = tqdm(total=len(keys) * len(seeds) * (1 + len(shots)), desc='calibration runs', disable=not progress)
-    raw = {'model': clip.identity, 'logit_scale': clip.logit_scale, 'keys': keys, 'seeds': seeds, 'shots': shots,
+    raw = {'world_version': version, 'model': clip.identity, 'logit_scale': clip.logit_scale, 'keys': keys, 'seeds': seeds, 'shots': shots,
            'base2new_shots': K, 'epochs': 'authors (make_method defaults)' if epochs is None else int(epochs),
            'n_views': n_views, 'sets': {}, 'templates': {}, 'runs': []}
     curve_runs = {'coop': {k: [] for k in shots}, 'linear_probe': {k: [] for k in shots}}
     for key in keys:
-        ds = world_dataset(key, seed)
+        ds = world_dataset(key, seed, version)
         te = split_features(clip, ds.test, cache_dir=cache_dir, progress=False)
         zl = ZeroShotCLIP(clip, template=ds.template).logits(te.x, ds.classnames)
         tx = te.x.to(clip.device).float()
