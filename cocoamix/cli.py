@@ -71,11 +71,12 @@ def run_main(argv=None) -> int:
     params = {k: v for k, v in dict(model=a.model, pretrained=a.pretrained, data_root=a.data_root, shots=a.shots,
                                      epochs=a.epochs, cache_dir=a.cache_dir).items() if v is not None}
     params.update(dict(a.param))
-    if params.get('pretrained') not in (None, 'world'):
-        from cocoamix.protocols import is_world_weights
-        if is_world_weights(params['pretrained']):   # the committed world file: the same model and cells as --pretrained world
-            print(f"cocoamix run: {params['pretrained']} is the committed world model: running as --pretrained world", file=sys.stderr)
-            params['pretrained'] = 'world'
+    from cocoamix.world import WORLD_MODELS
+    if params.get('pretrained') not in (None, *WORLD_MODELS):
+        from cocoamix.protocols import world_model_name
+        if (name := world_model_name(params['pretrained'])):   # a committed world file: the same model and cells as --pretrained NAME
+            print(f"cocoamix run: {params['pretrained']} is the committed world model: running as --pretrained {name}", file=sys.stderr)
+            params['pretrained'] = name
     settings = a.methods or None  # ['all'] selects every method or setting of the experiment
     code = {'signal': 130}
     def terminate(signum, frame):  # SIGTERM ends like Ctrl-C: one line, exit 143 (130 for Ctrl-C)

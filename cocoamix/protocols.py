@@ -12,7 +12,7 @@ import open_clip
 import torch
 
 from .backbone import load_clip, FrozenCLIP, TINY_MODEL, TINY_CONFIG, register_tiny_model
-from .world import WORLD_MODEL, WORLD_WEIGHTS_SHA, load_world_clip, world_weights, weights_hash, register_world_model  # also registers the world's datasets
+from .world import WORLD_MODEL, WORLD_MODELS, load_world_clip, world_weights, world_identity, weights_hash, register_world_model  # also registers the world's datasets
 from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, split_train_transform
 from .features import split_features, Features
 from dataclasses import asdict
@@ -22,9 +22,9 @@ from .registry import make_method, load_method
 from .metrics import accuracy, harmonic_mean, transfer_hm, confusable_pairs_resolved, per_class_accuracy, confusion_matrix, confusion_summary
 
 # %% auto #0
-__all__ = ['TINY_V2_MODEL', 'TINY_V2_CONFIG', 'PROTOCOLS', 'resolve_device', 'is_world_weights', 'check_model', 'get_clip',
-           'is_pipeline_check', 'evaluate', 'resolved', 'train_data', 'run_base2new', 'run_transfer', 'run_fscil',
-           'run_cross_version', 'evaluate_state']
+__all__ = ['TINY_V2_MODEL', 'TINY_V2_CONFIG', 'PROTOCOLS', 'resolve_device', 'world_model_name', 'is_world_weights',
+           'check_model', 'get_clip', 'is_pipeline_check', 'evaluate', 'resolved', 'train_data', 'run_base2new',
+           'run_transfer', 'run_fscil', 'run_cross_version', 'evaluate_state']
 
 # %% ../nbs/14_protocols.ipynb #7824773d
 _CLIPS: dict = {}
@@ -38,15 +38,21 @@ def resolve_device(device: str = 'auto') -> str:
 
 def _weights_file(pretrained) -> Path | None:
     "The weights file `pretrained` names, if it names one (not a hub tag, 'world' or none)."
-    if pretrained in (None, '', 'none', 'None', 'world'): return None
+    if pretrained in (None, '', 'none', 'None', *WORLD_MODELS): return None
     p = str(pretrained)
     return Path(p).expanduser() if os.sep in p or p.startswith('.') or Path(p).suffix in ('.pt', '.pth', '.bin', '.safetensors') else None
 
-def is_world_weights(pretrained) -> bool:
-    "True for `'world'` and for a path to the committed world weights (the same file, by its hash)."
-    if pretrained == 'world': return True
+def world_model_name(pretrained) -> str | None:
+    "`'world'` / `'world-upgrade'` when `pretrained` names a committed world model (by that name, or its file by hash), else None."
+    if pretrained in WORLD_MODELS: return pretrained
     path = _weights_file(pretrained)
-    return path is not None and path.suffix == '.safetensors' and path.is_file() and weights_hash(path) == WORLD_WEIGHTS_SHA
+    if path is None or path.suffix != '.safetensors' or not path.is_file(): return None
+    h = weights_hash(path)
+    return next((n for n in WORLD_MODELS if world_identity(n)['weights_sha256_16'] == h), None)
+
+def is_world_weights(pretrained) -> bool:
+    "True for the committed world models, by name or by file."
+    return world_model_name(pretrained) is not None
 
 def check_model(model, pretrained, flags: tuple = ('--model', '--pretrained')) -> None:
     "Refuse, without loading any weights, a model and weights that no cell could load together (one message)."
@@ -54,8 +60,8 @@ def check_model(model, pretrained, flags: tuple = ('--model', '--pretrained')) -
     if not isinstance(model, str) or model not in open_clip.list_models():
         raise ValueError(f'{flags[0]} {model}: unknown open_clip architecture. Ours: {WORLD_MODEL} (the world model, with {flags[1]} world), '
                          f'{TINY_MODEL}, {TINY_V2_MODEL}; or an open_clip architecture such as ViT-B-16')
-    if pretrained == 'world' and model != WORLD_MODEL:
-        raise ValueError(f'{flags[1]} world is the weights of {WORLD_MODEL}, not of {model}: pass {flags[0]} {WORLD_MODEL}')
+    if pretrained in WORLD_MODELS and model != WORLD_MODEL:
+        raise ValueError(f'{flags[1]} {pretrained} is the weights of {WORLD_MODEL}, not of {model}: pass {flags[0]} {WORLD_MODEL}')
     path = _weights_file(pretrained)
     if path is not None and path.suffix == '.safetensors' and path.is_file():
         from safetensors import safe_open
@@ -69,9 +75,9 @@ def get_clip(model: str = TINY_MODEL, pretrained=None, device: str = 'auto', see
     "The frozen CLIP, loaded once per process; `pretrained='world'` (or the committed file's path) is the world model (`cocoamix.world`)."
     key = (model, str(pretrained), resolve_device(device), seed)
     if key not in _CLIPS:
-        if is_world_weights(pretrained):
+        if (name := world_model_name(pretrained)):
             if model != WORLD_MODEL: raise ValueError(f"pretrained={pretrained!r} is the weights of {WORLD_MODEL}, not of {model}: pass --model {WORLD_MODEL}")
-            clip = load_world_clip(world_weights(), device=key[2]); clip.weights = f'world-{WORLD_WEIGHTS_SHA}'
+            clip = load_world_clip(world_weights(name), device=key[2]); clip.weights = f"{name}-{world_identity(name)['weights_sha256_16']}"
             _CLIPS[key] = clip; return clip
         if model == WORLD_MODEL: register_world_model()   # another file of the world architecture, or random weights
         clip = load_clip(model, pretrained, device=key[2], seed=seed)

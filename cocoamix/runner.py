@@ -298,10 +298,11 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
               'seconds': (datetime.datetime.now() - started).total_seconds(), 'finished': datetime.datetime.now().isoformat(),
               'versions': {'cocoamix': cocoamix.__version__, 'python': platform.python_version()}, 'pid': os.getpid(),
               'run_id': os.environ.get('COCOAMIX_RUN_ID')}
-    from cocoamix.protocols import is_world_weights
-    if is_world_weights(p.get('pretrained')):   # 'world', or the committed file's path
+    from cocoamix.protocols import world_model_name
+    if (name := world_model_name(p.get('pretrained'))):   # 'world', or the committed file's path
         from cocoamix.world import world_identity
-        record['world'] = world_identity()   # the frozen world: generator version and weights hash
+        record['world'] = world_identity(name)   # the frozen world: generator version and weights hash
+        if (target := world_model_name(p.get('target_pretrained'))): record['world_target'] = world_identity(target)
     write_json(Path(out_dir)/'metrics.json', record)
     return record
 
@@ -361,7 +362,8 @@ def collect(cells: list[Cell]) -> pd.DataFrame:
         exp = get_experiment(c.experiment)
         p = rec['params']
         weights = ('random weights (pipeline check)' if rec['pipeline_check'] else
-                   f"world model {rec['world']['world_version']} ({rec['world']['weights_sha256_16']}): not the paper's numbers" if rec.get('world')
+                   f"world model {rec['world']['world_version']} ({rec['world']['weights_sha256_16']}"
+                   + (f" -> upgrade {rec['world_target']['weights_sha256_16']}" if rec.get('world_target') else '') + "): not the paper's numbers" if rec.get('world')
                    else f"{p.get('model')} / {p.get('pretrained')}")
         rows.append({'dataset': c.dataset, 'setting': c.setting, 'seed': c.seed, 'pipeline_check': rec['pipeline_check'], 'weights': weights,
                      **{k: v for k, v in rec['method_config'].items() if k in ('w', 'd', 'loss', 'mixing')},
@@ -547,7 +549,7 @@ def plot(exp: Experiment, df: pd.DataFrame, path: Path, pipeline_check: bool) ->
 # %% ../nbs/15_runner.ipynb #0f2e9d9d
 def _hub_tag(v) -> bool:
     v = str(v)
-    return v not in ('', 'none', 'None', 'world') and os.sep not in v and not v.startswith('.') and Path(v).suffix not in ('.pt', '.pth', '.bin', '.safetensors')
+    return v not in ('', 'none', 'None', 'world', 'world-upgrade') and os.sep not in v and not v.startswith('.') and Path(v).suffix not in ('.pt', '.pth', '.bin', '.safetensors')
 
 def validate_grid(name: str, cells: list) -> None:
     "Refuse, before anything runs, a grid whose datasets are unknown or absent, or whose weights cannot be had; one message each."
@@ -556,13 +558,13 @@ def validate_grid(name: str, cells: list) -> None:
     import cocoamix.world  # noqa: F401  (registers the world's datasets)
     from cocoamix.protocols import check_model
     if p0.get('model'): check_model(p0['model'], p0.get('pretrained'))   # a model no cell could load fails here, not in every cell
-    if 'world' in (p0.get('pretrained'), p0.get('target_pretrained')):
-        from cocoamix.world import world_weights
-        world_weights()   # a damaged world weights file is refused here (its hash), not cell by cell
+    from cocoamix.world import WORLD_MODELS, world_weights
+    for name in {p0.get('pretrained'), p0.get('target_pretrained')} & set(WORLD_MODELS):
+        world_weights(name)   # a missing or damaged world model is refused here (its hash), not cell by cell
     if p0.get('target_model'): check_model(p0['target_model'], p0.get('target_pretrained'), ('--param target_model', '--param target_pretrained'))
     for key in ('pretrained', 'target_pretrained'):
         v = p0.get(key)
-        if v is None or str(v) in ('', 'none', 'None', 'world'): continue
+        if v is None or str(v) in ('', 'none', 'None', *WORLD_MODELS): continue
         flag = '--pretrained' if key == 'pretrained' else '--param target_pretrained'
         if _hub_tag(v) and os.environ.get('HF_HUB_OFFLINE') == '1':
             raise ValueError(f'{flag} {v}: a hub tag, and HF_HUB_OFFLINE=1, so the weights cannot be downloaded here. '

@@ -21,14 +21,15 @@ from .data import Split, DatasetSplits, CLIP_MEAN, CLIP_STD, package_data_dir
 __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_COLOURS', 'PART_POSITIONS', 'PART_SIZES',
            'TEMPLATE_WORDS', 'DOWNSTREAM', 'SOURCE', 'VARIANTS', 'FSCIL', 'DATASETS', 'STYLE_FORMS', 'CLIP_FORMS',
            'DOWNSTREAM_V2', 'RECIPES', 'WORLD_VERSIONS', 'STYLES', 'STYLE_IDS', 'NAMED', 'DESCRIBED', 'BOTH',
-           'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'CLIP_TEMPLATES', 'TARGET_CHECKS',
-           'TARGET_NAMES', 'EXPORT_FORMATS', 'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category', 'DatasetSpec',
-           'Recipe', 'recipe', 'World', 'get_world', 'style_params', 'sample_scene', 'render', 'describe', 'caption',
-           'pretrain_batch', 'world_dataset', 'register_world', 'register_world_model', 'world_model',
-           'encode_text_truncated', 'zero_shot', 'pretrain', 'save_world_model', 'weights_world_version',
-           'load_world_clip', 'weights_hash', 'world_weights', 'world_identity', 'world_train_transform',
-           'calibrate_base2new', 'calibration_table', 'check_met', 'expected_calibration_error', 'linear_probe',
-           'evaluate_targets', 'calibration_targets', 'targets_table', 'coop_name', 'export_world', 'read_wds']
+           'WORLD_MODEL', 'WORLD_CONFIG', 'WORLD_WEIGHTS', 'WORLD_WEIGHTS_SHA', 'WORLD_UPGRADE_WEIGHTS',
+           'WORLD_UPGRADE_SHA', 'WORLD_MODELS', 'CLIP_TEMPLATES', 'TARGET_CHECKS', 'TARGET_NAMES', 'EXPORT_FORMATS',
+           'WDS_SHARD_SIZE', 'world_nouns', 'Mode', 'Category', 'DatasetSpec', 'Recipe', 'recipe', 'World', 'get_world',
+           'style_params', 'sample_scene', 'render', 'describe', 'caption', 'pretrain_batch', 'world_dataset',
+           'register_world', 'register_world_model', 'world_model', 'encode_text_truncated', 'zero_shot', 'pretrain',
+           'save_world_model', 'weights_world_version', 'load_world_clip', 'weights_hash', 'world_weights',
+           'world_identity', 'world_train_transform', 'calibrate_base2new', 'calibration_table', 'check_met',
+           'expected_calibration_error', 'linear_probe', 'evaluate_targets', 'calibration_targets', 'targets_table',
+           'coop_name', 'export_world', 'read_wds']
 
 # %% ../nbs/20_world.ipynb #w004
 WORLD_VERSION = 'world-v1'   # the default world (the committed model's); bump whenever the generator, the vocabulary or the datasets change
@@ -730,18 +731,30 @@ def weights_hash(path) -> str:
 WORLD_WEIGHTS = package_data_dir()/'world'/'world_model.safetensors'   # the committed, frozen world model
 WORLD_WEIGHTS_SHA = 'cb3ece7a8ab98223'                                # sha256[:16] of that file: frozen with the calibration
 
-def world_weights() -> Path:
-    "The committed world weights, checked against their frozen hash (a changed file is refused, not silently used)."
-    if not WORLD_WEIGHTS.is_file():
-        raise FileNotFoundError(f'{WORLD_WEIGHTS}: the world model is missing from this checkout (it is committed in data/world/)')
-    if (h := weights_hash(WORLD_WEIGHTS)) != WORLD_WEIGHTS_SHA:
-        raise ValueError(f'{WORLD_WEIGHTS}: sha256 {h}..., but the frozen world model is {WORLD_WEIGHTS_SHA}...: '
-                         'the world is frozen after its calibration; restore the file (git checkout data/world)')
-    return WORLD_WEIGHTS
+WORLD_UPGRADE_WEIGHTS = package_data_dir()/'world'/'upgrade'/'world_model.safetensors'   # cross_version's target
+WORLD_UPGRADE_SHA: str | None = None   # its frozen hash; None while no upgraded model of WORLD_VERSION is committed
+WORLD_MODELS = ('world', 'world-upgrade')   # the names --pretrained / --param target_pretrained take for them
 
-def world_identity() -> dict:
-    "What every metrics.json of a world-model run records."
-    return {'world_version': WORLD_VERSION, 'weights_sha256_16': WORLD_WEIGHTS_SHA}
+def _frozen(name: str) -> tuple:
+    if name not in WORLD_MODELS: raise ValueError(f'unknown world model {name!r}; known: {", ".join(WORLD_MODELS)}')
+    return (WORLD_WEIGHTS, WORLD_WEIGHTS_SHA) if name == 'world' else (WORLD_UPGRADE_WEIGHTS, WORLD_UPGRADE_SHA)
+
+def world_weights(name: str = 'world') -> Path:
+    "A committed world model (`'world'`, or `'world-upgrade'`: a second model of the same world), checked against its frozen hash."
+    path, sha = _frozen(name)
+    if sha is None:
+        raise FileNotFoundError(f'{name}: no upgraded model of {WORLD_VERSION} is committed, so cross_version cannot run on the world '
+                                f'(it needs {path}, frozen with its hash)')
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: the world model is missing from this checkout (it is committed in data/world/)')
+    if (h := weights_hash(path)) != sha:
+        raise ValueError(f'{path}: sha256 {h}..., but the frozen world model is {sha}...: '
+                         'the world is frozen after its calibration; restore the file (git checkout data/world)')
+    return path
+
+def world_identity(name: str = 'world') -> dict:
+    "What every metrics.json of a world-model run records: the world version and the weights' hash (and which model, if not the base)."
+    return {'world_version': WORLD_VERSION, 'weights_sha256_16': _frozen(name)[1], **({'model': name} if name != 'world' else {})}
 
 # %% ../nbs/20_world.ipynb #w039
 def world_train_transform(image_size: int = 32, mean=CLIP_MEAN, std=CLIP_STD):
