@@ -22,10 +22,11 @@ __all__ = ['METHOD_SETTINGS', 'COCOAMIX', 'PAPER_ROWS', 'OFFLINE_BUDGET', 'WORLD
            'MINIMUM', 'KNOB_TYPES', 'METHOD_KNOBS', 'COLUMNS', 'SKIPPED_SETTINGS', 'VOLATILE', 'STOP_REQUESTED',
            'Experiment', 'experiments_dir', 'offline_grid', 'grid_of', 'get_experiment', 'cell_parameters',
            'parse_value', 'check_params', 'Cell', 'expand_grid', 'method_fields', 'foreign_knobs', 'write_text',
-           'write_json', 'run_cell', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect', 'metric_columns',
-           'seed_averages', 'summarise', 'table_datasets', 'column_notes', 'settings_notes', 'markdown_table',
-           'figure_columns', 'draw', 'plot', 'validate_grid', 'stable_record', 'RunSummary', 'finished_cells',
-           'write_outputs', 'run_grid', 'summary_record', 'check_writable', 'run_experiment', 'print_summary']
+           'write_json', 'run_cell', 'stale_world', 'read_metrics', 'recover_torn', 'run_cell_safely', 'collect',
+           'metric_columns', 'seed_averages', 'summarise', 'table_datasets', 'column_notes', 'settings_notes',
+           'markdown_table', 'figure_columns', 'draw', 'plot', 'validate_grid', 'stable_record', 'RunSummary',
+           'finished_cells', 'write_outputs', 'run_grid', 'summary_record', 'check_writable', 'run_experiment',
+           'print_summary']
 
 # %% ../nbs/15_runner.ipynb #057c8a60
 METHOD_SETTINGS = {m: {'method': m} for m in ('zsclip', 'coop', 'cocoop', 'kgcoop', 'prograd', 'maple', 'dept', 'dapt', 'contcoop', 'capt', 'cocoamix')}
@@ -307,12 +308,24 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
     return record
 
 # %% ../nbs/15_runner.ipynb #0bc54fc5
+def stale_world(rec: dict) -> bool:
+    "True for a world-model result whose world (version, weights hash) is not the committed one: an older world's, not this grid's."
+    from cocoamix.world import world_identity
+    for key in ('world', 'world_target'):
+        w = rec.get(key)
+        if not w: continue
+        try:
+            if w != world_identity(w.get('model', 'world')): return True
+        except ValueError: return True   # a world model this checkout does not know
+    return False
+
 def read_metrics(path: Path, experiment: str | None = None) -> dict | None:
-    "The record in a cell's metrics.json, or None if it is missing, torn or from another experiment."
+    "The record in a cell's metrics.json, or None if it is missing, torn, from another experiment or from another world."
     try: rec = json.loads(Path(path).read_text())
     except (OSError, ValueError): return None
     if not isinstance(rec, dict) or not isinstance(rec.get('metrics'), dict): return None
     if experiment is not None and rec.get('experiment') != experiment: return None
+    if stale_world(rec): return None   # a new world model recomputes the cell (the old record is moved aside, not lost)
     return rec
 
 def recover_torn(cells, say=print) -> list[Path]:
@@ -322,7 +335,7 @@ def recover_torn(cells, say=print) -> list[Path]:
         if c.metrics_path.is_file() and not c.done:
             dest = c.metrics_path.with_name(f'metrics.json.torn-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}')
             os.replace(c.metrics_path, dest); moved.append(dest)
-            say(f'{c.metrics_path}: unreadable or not a {c.experiment} result; moved aside to {dest.name}, the cell runs again')
+            say(f'{c.metrics_path}: unreadable, not a {c.experiment} result, or computed on another world model; moved aside to {dest.name}, the cell runs again')
     return moved
 
 def run_cell_safely(cell: Cell) -> str | None:
