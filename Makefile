@@ -38,10 +38,7 @@ pytest: setup
 bench: setup
 	$(BIN)/cocoamix bench $(ARGS)
 
-# Pretrain the world model from scratch (one CPU thread, about 40 minutes; the committed one is data/world/).
+# Pretrain the committed world model from scratch (one CPU thread, about 39 minutes; the committed one is data/world/),
+# into outputs/world/pretrained/ (WORLD_ARGS="--steps N ..." to change it; `cocoamix world pretrain --help`).
 world: setup
-	mkdir -p outputs/world
-	WORLD_PRETRAIN=1 WORLD_OUT=outputs/world OMP_NUM_THREADS=1 $(BIN)/python -c "import os, json, torch; torch.set_num_threads(1); \
-	from cocoamix.world import pretrain, save_world_model; \
-	r = pretrain(steps=int(os.environ.get('WORLD_STEPS', 2550)), batch_size=128, lr=1e-3, warmup=100, seed=0, eval_every=250, out_dir='outputs/world'); \
-	print(save_world_model(r['model'], 'outputs/world/world_model.safetensors', r.get('used_tokens'), r.get('history')))"
+	OMP_NUM_THREADS=1 $(BIN)/cocoamix world pretrain --out outputs/world/pretrained --version world-v1 --steps 2550 --eval-every 250 $(WORLD_ARGS)

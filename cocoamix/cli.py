@@ -71,7 +71,7 @@ def run_main(argv=None) -> int:
     params = {k: v for k, v in dict(model=a.model, pretrained=a.pretrained, data_root=a.data_root, shots=a.shots,
                                      epochs=a.epochs, cache_dir=a.cache_dir).items() if v is not None}
     params.update(dict(a.param))
-    from cocoamix.world import WORLD_MODELS
+    from cocoamix.worldclip import WORLD_MODELS
     if params.get('pretrained') not in (None, *WORLD_MODELS):
         from cocoamix.protocols import world_model_name
         if (name := world_model_name(params['pretrained'])):   # a committed world file: the same model and cells as --pretrained NAME
@@ -172,7 +172,8 @@ def world_main(argv=None) -> int:
     "`cocoamix world export NAME --format FORMAT [FORMAT ...] --out DIR`: a world dataset written to DIR/FORMAT/NAME."
     if argv and argv[0] == 'calibrate': return world_calibrate_main(argv[1:])   # its own flags (`cocoamix world calibrate --help`)
     if argv and argv[0] == 'pretrain': return world_pretrain_main(argv[1:])
-    from cocoamix.world import DATASETS, EXPORT_FORMATS, export_world
+    from cocoamix.world import DATASETS
+    from cocoamix.worldclip import EXPORT_FORMATS, export_world
     p = argparse.ArgumentParser(prog='cocoamix world', description='The world as files: write one of its datasets to disk, '
                                 'for open_clip, CLIP_benchmark, Hugging Face datasets or a CoOp-based repository.')
     p.add_argument('action', choices=['export', 'calibrate', 'pretrain'])
@@ -196,7 +197,9 @@ def world_calibrate_main(argv=None) -> int:
     "`cocoamix world calibrate [--keys ...] [--seeds ...] [--shots ...] [--quick] [--out FILE.json]`: the targets table and its JSON."
     import torch
     from cocoamix.runner import write_text
-    from cocoamix.world import DOWNSTREAM, DATASETS, WORLD_VERSIONS, calibration_targets, targets_table, load_world_clip, world_weights, weights_hash, weights_world_version
+    from cocoamix.world import DOWNSTREAM, DATASETS, WORLD_VERSIONS
+    from cocoamix.worldclip import load_world_clip, world_weights, weights_hash, weights_world_version
+    from cocoamix.calibration import calibration_targets, targets_table
     every = [s.key for s in DOWNSTREAM]
     p = argparse.ArgumentParser(prog='cocoamix world calibrate', description="Measure issue 21's calibration targets T1-T6 "
                                 '(zero-shot, CoOp, KgCoOp as their authors train them, a linear probe) on a world model.')
@@ -243,7 +246,8 @@ def world_calibrate_main(argv=None) -> int:
 def world_pretrain_main(argv=None) -> int:
     "`cocoamix world pretrain --out DIR [--version V] [--steps N] ...`: pretrain a world CLIP from scratch."
     import torch
-    from cocoamix.world import WORLD_VERSION, WORLD_VERSIONS, pretrain, weights_hash
+    from cocoamix.world import WORLD_VERSION, WORLD_VERSIONS
+    from cocoamix.worldclip import pretrain, weights_hash
     p = argparse.ArgumentParser(prog='cocoamix world pretrain', description='Pretrain a world CLIP from scratch on the generated world.')
     p.add_argument('--out', required=True, help='folder for world_model.safetensors and pretrain.json (must not hold a model yet)')
     p.add_argument('--version', default=WORLD_VERSION, choices=WORLD_VERSIONS, help=f'the world to pretrain on (default {WORLD_VERSION})')

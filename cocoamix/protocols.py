@@ -12,7 +12,7 @@ import open_clip
 import torch
 
 from .backbone import load_clip, FrozenCLIP, TINY_MODEL, TINY_CONFIG, register_tiny_model
-from .world import WORLD_MODEL, WORLD_MODELS, load_world_clip, world_weights, world_identity, weights_hash, register_world_model  # also registers the world's datasets
+from .worldclip import WORLD_MODEL, WORLD_MODELS, load_world_clip, world_weights, world_identity, weights_hash, register_world_model  # also registers the world's datasets
 from .data import load_dataset, few_shot_splits, base_new_split, fscil_sessions, Split, BUILTIN, split_train_transform
 from .features import split_features, Features
 from dataclasses import asdict

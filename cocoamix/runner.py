@@ -301,7 +301,7 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
               'run_id': os.environ.get('COCOAMIX_RUN_ID')}
     from cocoamix.protocols import world_model_name
     if (name := world_model_name(p.get('pretrained'))):   # 'world', or the committed file's path
-        from cocoamix.world import world_identity
+        from cocoamix.worldclip import world_identity
         record['world'] = world_identity(name)   # the frozen world: generator version and weights hash
         if (target := world_model_name(p.get('target_pretrained'))): record['world_target'] = world_identity(target)
     write_json(Path(out_dir)/'metrics.json', record)
@@ -310,7 +310,7 @@ def run_cell(experiment: str, params: dict, out_dir: str | Path, progress: bool 
 # %% ../nbs/15_runner.ipynb #0bc54fc5
 def stale_world(rec: dict) -> bool:
     "True for a world-model result whose world (version, weights hash) is not the committed one: an older world's, not this grid's."
-    from cocoamix.world import world_identity
+    from cocoamix.worldclip import world_identity
     for key in ('world', 'world_target'):
         w = rec.get(key)
         if not w: continue
@@ -571,7 +571,7 @@ def validate_grid(name: str, cells: list) -> None:
     import cocoamix.world  # noqa: F401  (registers the world's datasets)
     from cocoamix.protocols import check_model
     if p0.get('model'): check_model(p0['model'], p0.get('pretrained'))   # a model no cell could load fails here, not in every cell
-    from cocoamix.world import WORLD_MODELS, world_weights
+    from cocoamix.worldclip import WORLD_MODELS, world_weights
     for name in {p0.get('pretrained'), p0.get('target_pretrained')} & set(WORLD_MODELS):
         world_weights(name)   # a missing or damaged world model is refused here (its hash), not cell by cell
     if p0.get('target_model'): check_model(p0['target_model'], p0.get('target_pretrained'), ('--param target_model', '--param target_pretrained'))

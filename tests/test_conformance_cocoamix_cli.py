@@ -13,7 +13,7 @@ from cocoamix.mixture import out_class_names
 from cocoamix.prompts import clean_classname
 from cocoamix.registry import describe_method
 from cocoamix.runner import run_grid, expand_grid, read_metrics
-from cocoamix.world import WORLD_WEIGHTS, WORLD_MODEL
+from cocoamix.worldclip import WORLD_WEIGHTS, WORLD_MODEL
 
 
 def cli(*args, cmd='run', env=None):

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cocoamix.world import world_dataset, export_world, read_wds, EXPORT_FORMATS, WORLD_CONFIG
+from cocoamix.world import world_dataset
+from cocoamix.worldclip import export_world, read_wds, EXPORT_FORMATS, WORLD_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = 'world_flora'   # the README's dataset

@@ -87,7 +87,7 @@ def test_two_identical_grids_at_once_report_what_each_computed(tmp_path):
 
 def test_damaged_world_weights_are_refused_before_any_cell(tmp_path, monkeypatch):
     "A corrupted world weights file fails the up-front check (its hash), rc 2, with nothing written."
-    import cocoamix.world as world
+    import cocoamix.worldclip as world
     from cocoamix.cli import main
     bad = tmp_path / 'world_model.safetensors'
     data = bytearray(world.WORLD_WEIGHTS.read_bytes()); data[-100] ^= 0xFF

@@ -1,6 +1,7 @@
 "The committed world model (issue 16's behaviour checks): it loads offline with its frozen hash, zero-shot is far above chance, CoOp adapts."
 import pytest, torch
-from cocoamix.world import world_dataset, load_world_clip, weights_hash, world_weights, WORLD_WEIGHTS, WORLD_WEIGHTS_SHA
+from cocoamix.world import world_dataset
+from cocoamix.worldclip import load_world_clip, weights_hash, world_weights, WORLD_WEIGHTS, WORLD_WEIGHTS_SHA
 from cocoamix.data import few_shot_splits, base_new_split, load_dataset
 from cocoamix.features import split_features
 from cocoamix.registry import make_method
@@ -55,7 +56,7 @@ def test_pretraining_is_deterministic_for_a_seed():
     "Two pretraining runs in separate processes (one thread each, as `make world`) end on the same weights, bit for bit."
     import subprocess, sys
     code = ("import hashlib, torch; torch.set_num_threads(1)\n"
-            "from cocoamix.world import pretrain\n"
+            "from cocoamix.worldclip import pretrain\n"
             "r = pretrain(steps=3, batch_size=32, warmup=1, seed=0, eval_every=0, progress=False)\n"
             "print(hashlib.sha256(b''.join(t.detach().cpu().numpy().tobytes() for t in r['model'].state_dict().values())).hexdigest())")
     runs = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()[-1] for _ in range(2)]

@@ -2,7 +2,8 @@
 import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np
-from cocoamix.world import WORLD_WEIGHTS, TARGET_CHECKS, load_world_clip, world_weights
+from cocoamix.worldclip import WORLD_WEIGHTS, load_world_clip, world_weights
+from cocoamix.calibration import TARGET_CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
