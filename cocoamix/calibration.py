@@ -14,7 +14,8 @@ from .worldclip import *
 
 # %% auto #0
 __all__ = ['CLIP_TEMPLATES', 'TARGET_CHECKS', 'TARGET_NAMES', 'calibrate_base2new', 'calibration_table', 'check_met',
-           'expected_calibration_error', 'linear_probe', 'evaluate_targets', 'calibration_targets', 'targets_table']
+           'expected_calibration_error', 'linear_probe', 'evaluate_targets', 'calibration_targets',
+           'merge_calibrations', 'targets_table']
 
 # %% ../nbs/20b_world_calibration.ipynb #w042
 def calibrate_base2new(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2, 3), epochs: int = 200, shots: int = 16,
@@ -260,6 +261,22 @@ def calibration_targets(clip, keys=tuple(s.key for s in DOWNSTREAM), seeds=(1, 2
     # the curve: per (set, seed) then averaged, so every set weighs the same
     raw['curve'] = {m: {str(k): float(np.mean(v)) for k, v in d.items()} for m, d in curve_runs.items()}
     raw['curve']['zero_shot'] = float(np.mean([raw['sets'][k]['zs_all'] for k in keys]))
+    return {'targets': evaluate_targets(raw), 'raw': raw}
+
+def merge_calibrations(parts: list) -> dict:
+    """One calibration from `calibration_targets` results over disjoint sets of one model, run in separate processes
+    (each set's runs are independent of the others'): sets, templates and runs joined, the curve and the targets recomputed."""
+    raws = [p['raw'] for p in parts]
+    same = ('world_version', 'model', 'logit_scale', 'seeds', 'shots', 'base2new_shots', 'epochs', 'n_views')
+    diff = [k for k in same if any(r.get(k) != raws[0].get(k) for r in raws[1:])]
+    if diff: raise ValueError(f'cannot merge calibrations that differ in {", ".join(diff)}: run them with the same model and flags')
+    keys = [k for r in raws for k in r['keys']]
+    if len(set(keys)) != len(keys): raise ValueError(f'cannot merge calibrations whose sets overlap: {", ".join(keys)}')
+    raw = {**raws[0], 'keys': keys, 'sets': {k: v for r in raws for k, v in r['sets'].items()},
+           'templates': {k: v for r in raws for k, v in r['templates'].items()}, 'runs': [x for r in raws for x in r['runs']]}
+    curve = {m: {str(k): float(np.mean([x[m] for x in raw['runs'] if x['kind'] == 'curve' and x['shots'] == k])) for k in raw['shots']}
+             for m in ('coop', 'linear_probe')}   # per (set, seed), then averaged: as calibration_targets does
+    raw['curve'] = {**curve, 'zero_shot': float(np.mean([raw['sets'][k]['zs_all'] for k in keys]))}
     return {'targets': evaluate_targets(raw), 'raw': raw}
 
 def targets_table(res: dict) -> str:

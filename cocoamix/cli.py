@@ -193,6 +193,26 @@ def world_main(argv=None) -> int:
     return 0
 
 # %% ../nbs/17_cli.ipynb #c17w0005
+def _merge_calibrations(paths, out: Path) -> int:
+    "`cocoamix world calibrate --merge A.json B.json --out C.json`: one record from runs over disjoint sets of one model."
+    from cocoamix.runner import write_text
+    from cocoamix.calibration import merge_calibrations, targets_table
+    try:
+        parts = [json.loads(Path(f).read_text()) for f in paths]
+        hashes = {p.get('weights_sha256_16') for p in parts}
+        if len(hashes) != 1: raise ValueError(f'cannot merge calibrations of different weights: {", ".join(map(str, sorted(hashes, key=str)))}')
+        res = merge_calibrations(parts)
+    except (OSError, ValueError, KeyError) as e:
+        print(f'cocoamix world calibrate: error: --merge: {e}', file=sys.stderr); return 2
+    res = {k: parts[0][k] for k in ('world_version', 'weights', 'weights_sha256_16')} | {
+           'command': ' + '.join(p['command'] for p in parts), 'merged_from': [str(f) for f in paths],
+           'seconds': round(sum(p['seconds'] for p in parts), 1), **res}
+    print(targets_table(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(res, indent=1, ensure_ascii=False) + '\n')
+    print(f"{out}: {len(res['raw']['runs'])} runs on {len(res['raw']['keys'])} set(s), merged from {len(parts)} files")
+    return 0
+
 def world_calibrate_main(argv=None) -> int:
     "`cocoamix world calibrate [--keys ...] [--seeds ...] [--shots ...] [--quick] [--out FILE.json]`: the targets table and its JSON."
     import torch
@@ -213,8 +233,10 @@ def world_calibrate_main(argv=None) -> int:
     p.add_argument('--version', choices=WORLD_VERSIONS, help="the world the sets come from (default: the one the weights were pretrained on, from their metadata)")
     p.add_argument('--cache-dir', help='the feature cache (default: the library\'s, $COCOAMIX_CACHE)')
     p.add_argument('--threads', type=int, default=1, help='torch threads (default 1)')
+    p.add_argument('--merge', nargs='+', metavar='JSON', help='instead of running: merge the JSONs of runs over disjoint sets of one model (separate processes) into --out')
     p.add_argument('--out', default='outputs/world/calibration.json', help='the JSON to write (default outputs/world/calibration.json)')
     a = p.parse_args(argv)
+    if a.merge: return _merge_calibrations(a.merge, Path(a.out))
     keys = a.keys or (every[:2] if a.quick else every)
     seeds = a.seeds or ([1] if a.quick else [1, 2, 3])
     shots = a.shots or ([1, 4, 16] if a.quick else [1, 2, 4, 8, 16])

@@ -38,3 +38,27 @@ def test_calibrate_cli_writes_every_target(tmp_path):
     assert all(any(l.startswith(f'| {k} ') for l in lines) for k in t)
     assert res['weights_sha256_16'] and sorted((p.name, p.stat().st_mtime_ns) for p in WORLD_WEIGHTS.parent.iterdir()) == before
     assert not (tmp_path / 'outputs').exists()   # --out was given: nothing written to the default place
+
+
+def test_calibrations_over_disjoint_sets_merge_into_the_joint_one(tmp_path):
+    "Two processes over disjoint sets, merged with `--merge`, give the very targets and runs of one process over both sets."
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
+    def calibrate(*args):
+        r = subprocess.run([sys.executable, '-m', 'cocoamix', 'world', 'calibrate', *args], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+    flags = ['--seeds', '1', '--shots', '1', '--epochs', '1', '--views', '1', '--cache-dir', str(tmp_path / 'cache')]
+    calibrate('--keys', 'world_orbital', 'world_flora', *flags, '--out', 'joint.json')
+    calibrate('--keys', 'world_orbital', *flags, '--out', 'a.json')
+    calibrate('--keys', 'world_flora', *flags, '--out', 'b.json')
+    r = calibrate('--merge', 'a.json', 'b.json', '--out', 'merged.json')
+    joint, merged = (json.loads((tmp_path / f).read_text()) for f in ('joint.json', 'merged.json'))
+    assert merged['targets'] == joint['targets'] and merged['raw']['curve'] == joint['raw']['curve']
+    strip = lambda runs: [{k: v for k, v in x.items() if k != 'sec'} for x in runs]
+    assert strip(merged['raw']['runs']) == strip(joint['raw']['runs']) and merged['raw']['keys'] == ['world_orbital', 'world_flora']
+    assert merged['merged_from'] == ['a.json', 'b.json'] and '| **all** |' in r.stdout
+    # overlapping sets, or another model's file, are refused by name
+    r = subprocess.run([sys.executable, '-m', 'cocoamix', 'world', 'calibrate', '--merge', 'a.json', 'a.json', '--out', 'x.json'],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and 'overlap' in r.stderr and not (tmp_path / 'x.json').exists()
