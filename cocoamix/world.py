@@ -4,18 +4,16 @@
 
 # %% ../nbs/20_world.ipynb #w002
 from __future__ import annotations
-import hashlib, json, math, os, time
-from dataclasses import dataclass, field
+import hashlib, json, math
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import open_clip
 
-from .backbone import register_tiny_model, load_clip
-from .data import Split, DatasetSplits, CLIP_MEAN, CLIP_STD, package_data_dir
+from .data import Split, DatasetSplits
 
 # %% auto #0
 __all__ = ['WORLD_VERSION', 'SHAPES', 'HUES', 'PATTERNS', 'PART_SHAPES', 'PART_COLOURS', 'PART_POSITIONS', 'PART_SIZES',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/20a_world_clip.ipynb #m002
 from __future__ import annotations
-import hashlib, json, math, os, time
+import hashlib, json, math, time
 from pathlib import Path
 
 import numpy as np
